@@ -1,0 +1,100 @@
+"""The IBQ tokenizer: encoder -> 1x1 conv -> quantizer -> 1x1 conv -> decoder, with a config dataclass."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from torch import Tensor, nn
+
+from tokenizer.autoencoder import Decoder, Encoder
+from tokenizer.quantizer import QUANTIZERS, QuantizerOutput
+
+
+@dataclass
+class TokenizerConfig:
+    """Architecture of one tokenizer. Defaults are the ImageNet 256 reference (16x16 tokens)."""
+
+    resolution: int = 256
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    enc_res_blocks: int = 4
+    dec_res_blocks: int = 5
+    attn_resolutions: tuple[int, ...] = (16,)
+    z_channels: int = 256
+    embed_dim: int = 256
+    dropout: float = 0.0
+    num_codes: int = 16384
+    quantizer: str = "ibq"
+    quantizer_args: dict[str, Any] = field(default_factory=dict)  # beta, entropy weights, ...
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown tokenizer config keys {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        for key in ("channel_mult", "attn_resolutions"):
+            if key in d:
+                d[key] = tuple(d[key])
+        if "quantizer_args" in d:
+            d["quantizer_args"] = dict(d["quantizer_args"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channel_mult"], d["attn_resolutions"] = list(self.channel_mult), list(self.attn_resolutions)
+        return d
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid(self) -> int:
+        return self.resolution // self.downsample
+
+
+def _build_quantizer(cfg: TokenizerConfig) -> nn.Module:
+    """Pass each quantizer only the arguments it takes, so one config file can switch ibq <-> vq."""
+    if cfg.quantizer not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer {cfg.quantizer!r}; choose one of {sorted(QUANTIZERS)}")
+    cls = QUANTIZERS[cfg.quantizer]
+    accepted = set(inspect.signature(cls).parameters)
+    args = {k: v for k, v in cfg.quantizer_args.items() if k in accepted}
+    return cls(num_codes=cfg.num_codes, dim=cfg.embed_dim, **args)
+
+
+class IBQTokenizer(nn.Module):
+    def __init__(self, cfg: TokenizerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        shared = dict(resolution=cfg.resolution, base_channels=cfg.base_channels,
+                      channel_mult=cfg.channel_mult, attn_resolutions=cfg.attn_resolutions,
+                      z_channels=cfg.z_channels, dropout=cfg.dropout)
+        self.encoder = Encoder(num_res_blocks=cfg.enc_res_blocks, **shared)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.quantizer = _build_quantizer(cfg)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.decoder = Decoder(num_res_blocks=cfg.dec_res_blocks, **shared)
+
+    def encode(self, x: Tensor) -> QuantizerOutput:
+        """Images in [-1, 1] (B, 3, H, W) -> quantizer output (z_q, indices, losses)."""
+        return self.quantizer(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z_q: Tensor) -> Tensor:
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, QuantizerOutput]:
+        q = self.encode(x)
+        return self.decode(q.z_q), q
+
+    def tokenize(self, x: Tensor) -> Tensor:
+        """Images -> token ids (B, h, w); inference path without losses."""
+        return self.quantizer.encode_indices(self.quant_conv(self.encoder(x)))
+
+    def decode_tokens(self, indices: Tensor) -> Tensor:
+        """Token ids (B, h, w) -> images in [-1, 1]."""
+        return self.decode(self.quantizer.lookup(indices))
