@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast, gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
-from tokenizer.perceptual import build_perceptual
 from tqdm.auto import tqdm
 
 from pipelines.checkpoint import (
@@ -41,6 +41,7 @@ from pipelines.run_log import RunLogger
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import LossConfig, TokenizerLoss
 from tokenizer.model import IBQTokenizer, TokenizerConfig
+from tokenizer.perceptual import build_perceptual
 
 
 def lr_factor(step: int, warmup_steps: int, milestones_steps: list[int], decay: float) -> float:
@@ -53,8 +54,19 @@ def _scalar_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in terms.items()}
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns the final evaluation (main process)."""
+@dataclass
+class TrainOutcome:
+    """What a finished run leaves in memory (on every process): the final weights and the evaluation."""
+
+    model: IBQTokenizer
+    ema_model: IBQTokenizer
+    discriminator: PatchDiscriminator
+    step: int
+    metrics: dict[str, Any] = field(default_factory=dict)  # main process only
+
+
+def train(cfg: DictConfig) -> TrainOutcome:
+    """Run (or resume) training as configured."""
     t = cfg.train
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
                               cpu=t.cpu)
@@ -104,7 +116,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raw_model.load_state_dict(state["model"])
         raw_disc.load_state_dict(state["disc"])
         ema.load_state_dict(state["ema"])
-        criterion.load_state_dict(state["criterion"])
+        criterion.load_state_dict(state["criterion"], strict=False)
         opt_ae.load_state_dict(state["opt_ae"])
         opt_d.load_state_dict(state["opt_d"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -125,12 +137,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     val_set = ImageFolderDataset(d.root, d.val_split, d.resolution, d.on_corrupt, seed=cfg.seed)
     preview = torch.stack([val_set[i][0] for i in range(0, len(val_set), max(1, len(val_set) // 8))][:8])
 
+    def sync_disc_buffers() -> None:
+        """BatchNorm running stats drift apart per process between DDP forwards (which re-broadcast
+        rank 0's); align them the same way before saving or returning."""
+        if accelerator.num_processes > 1:
+            for b in raw_disc.buffers():
+                b.copy_(broadcast(b, from_process=0))
+
     def checkpoint() -> None:
+        sync_disc_buffers()
         rng = gather_object([capture_rng()])
         if accelerator.is_main_process:
             save_train_state(run_dir, {
                 "model": raw_model.state_dict(), "disc": raw_disc.state_dict(), "ema": ema.state_dict(),
-                "criterion": criterion.state_dict(), "opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(),
+                "criterion": criterion.lecam_state(), "opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(),
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng,
             })
             save_model(run_dir, ema.state_dict(), config)
@@ -218,6 +238,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if step >= max_steps or epoch_done:
                 break
     progress.close()
+    sync_disc_buffers()
 
     result: dict[str, Any] = {}
     if accelerator.is_main_process and cfg.eval_at_end:
@@ -232,7 +253,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return result
+    return TrainOutcome(raw_model, ema.model, raw_disc, step, result)
 
 
 @hydra.main(config_path="../conf", config_name="train_tokenizer", version_base=None)

@@ -65,6 +65,10 @@ class TokenizerLoss(nn.Module):
         self.register_buffer("lecam_ema_real", torch.zeros(()))
         self.register_buffer("lecam_ema_fake", torch.zeros(()))
 
+    def lecam_state(self) -> dict[str, Tensor]:
+        """The only training state here (the perceptual weights are fixed and not checkpointed)."""
+        return {"lecam_ema_real": self.lecam_ema_real.clone(), "lecam_ema_fake": self.lecam_ema_fake.clone()}
+
     def gan_active(self, step: int) -> bool:
         return step >= self.cfg.disc_start and self.cfg.disc_factor > 0
 

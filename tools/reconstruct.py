@@ -2,8 +2,9 @@
 
     python tools/reconstruct.py ckpt=runs/tokenizer_demo input=data/demo/val out=runs/reconstruct max_images=16
 
-``max_images`` picks that many evenly spaced over the sorted file list. Writes ``<out>/<name>.png`` (reconstruction), ``<out>/side_by_side.png`` (originals above,
-reconstructions below, up to 16 per grid) and ``<out>/tokens.json`` (the token grid of every image).
+``max_images`` picks that many evenly spaced over the sorted file list. Writes ``<out>/<name>.png``
+(reconstruction), ``<out>/side_by_side.png`` (originals above, reconstructions below, up to 16 per
+grid) and ``<out>/tokens.json`` (the token grid of every image).
 """
 
 from __future__ import annotations

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny demo dataset made once per session, and Hydra configs for fast runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tools.make_demo_data import make_demo_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tokenizer small enough that a training step takes tens of milliseconds on one CPU core.
+TINY_TOKENIZER = [
+    "data.resolution=32",
+    "data.num_workers=0",
+    "tokenizer.model.base_channels=16",
+    "tokenizer.model.channel_mult=[1,2,2]",
+    "tokenizer.model.attn_resolutions=[]",
+    "tokenizer.model.z_channels=16",
+    "tokenizer.model.embed_dim=16",
+    "tokenizer.model.num_codes=64",
+    "tokenizer.loss.perceptual=none",
+    "tokenizer.loss.perceptual_weight=0",
+    "tokenizer.loss.disc_channels=16",
+    "tokenizer.loss.disc_layers=2",
+    "train.batch_size=8",
+    "train.lr=1e-3",
+    "train.disc_lr=1e-3",
+    "train.ema_decay=0.9",
+    "train.cpu=true",
+    "tensorboard=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    return make_demo_dataset(root, seed=0, train_per_class=6, val_per_class=2, size=32)
+
+
+def compose_config(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.fixture
+def tokenizer_cfg(demo_root, tmp_path):
+    """Factory: the tiny training config for ``run_dir`` plus extra overrides."""
+
+    def make(run_dir: Path | None = None, extra: list[str] = ()):
+        run_dir = run_dir or tmp_path / "run"
+        return compose_config("train_tokenizer", [f"data.root={demo_root}", f"run_dir={run_dir}",
+                                                  *TINY_TOKENIZER, *extra])
+
+    return make
