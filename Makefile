@@ -43,7 +43,7 @@ demo: demo-data
 	@echo "demo done: see runs/tokenizer_demo/ (eval.json, images/, reconstruct/)"
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=8
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
