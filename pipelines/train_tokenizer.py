@@ -33,7 +33,7 @@ from pipelines.checkpoint import (
     save_train_state,
 )
 from pipelines.cli import user_errors_exit
-from pipelines.data import EpochBatchSampler, ImageFolderDataset, make_loader, save_class_index
+from pipelines.data import EpochBatchSampler, ImageFolderDataset, collate_images, make_loader, save_class_index
 from pipelines.ema import EMA
 from pipelines.images import save_rows
 from pipelines.recon_eval import evaluate_reconstruction
@@ -84,7 +84,11 @@ def train(cfg: DictConfig) -> TrainOutcome:
     criterion = TokenizerLoss(loss_cfg, perceptual).to(accelerator.device)
     ema = EMA(model, t.ema_decay)
     ema.model.to(accelerator.device)
-    opt_ae = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    codebook = [model.quantizer.embedding.weight]
+    rest = [p for p in model.parameters() if p is not codebook[0]]
+    opt_ae = torch.optim.Adam([{"params": rest, "lr_mult": 1.0},
+                               {"params": codebook, "lr_mult": t.codebook_lr_mult}],
+                              lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     opt_d = torch.optim.Adam(disc.parameters(), lr=t.disc_lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
     # Data: our own sampler shards batches across processes and makes resume exact.
@@ -104,7 +108,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
         factor = lr_factor(step, t.warmup_steps, milestones, t.lr_decay)
         for opt, base in ((opt_ae, t.lr), (opt_d, t.disc_lr)):
             for group in opt.param_groups:
-                group["lr"] = base * factor
+                group["lr"] = base * factor * group.get("lr_mult", 1.0)
         return t.lr * factor
 
     model, disc, opt_ae, opt_d = accelerator.prepare(model, disc, opt_ae, opt_d)
@@ -135,7 +139,8 @@ def train(cfg: DictConfig) -> TrainOutcome:
               f"on {accelerator.device} | run dir {run_dir}")
 
     val_set = ImageFolderDataset(d.root, d.val_split, d.resolution, d.on_corrupt, seed=cfg.seed)
-    preview = torch.stack([val_set[i][0] for i in range(0, len(val_set), max(1, len(val_set) // 8))][:8])
+    preview_items = [val_set[i] for i in range(0, len(val_set), max(1, len(val_set) // 8))]
+    preview = collate_images(preview_items[:8])[0]  # 8 val images spread over the classes
 
     def sync_disc_buffers() -> None:
         """BatchNorm running stats drift apart per process between DDP forwards (which re-broadcast
