@@ -6,6 +6,7 @@ mid-write leaves the previous file intact. Inference needs only the safetensors 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -79,6 +80,20 @@ def load_tokenizer(directory: str | Path, device: str | torch.device = "cpu") ->
     model = IBQTokenizer(TokenizerConfig.from_dict(config["tokenizer"]["model"]))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def weights_hash(directory: str | Path) -> str:
+    """Identity of a checkpoint's weights: the first 16 hex digits of the sha256 of ``model.safetensors``.
+
+    Token shards record it so stage two can refuse tokens made by a different tokenizer; it depends on
+    the weights only (not the path or config.yaml), so copying a checkpoint keeps its identity.
+    """
+    path = _require(_require(Path(directory), "checkpoint directory") / MODEL_FILE, "checkpoint weights")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def capture_rng() -> dict[str, Any]:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pipelines.checkpoint import MissingCheckpointError
-from pipelines.data import CorruptImageError, DatasetNotFoundError
+from pipelines.data import CorruptImageError, DatasetNotFoundError, ShardIntegrityError, ShardMismatchError
 from tokenizer.perceptual import PerceptualWeightsMissing
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -16,6 +16,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     DatasetNotFoundError,
     CorruptImageError,
     PerceptualWeightsMissing,
+    ShardMismatchError,
+    ShardIntegrityError,
 )
 
 F = TypeVar("F", bound=Callable)

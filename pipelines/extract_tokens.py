@@ -1,0 +1,332 @@
+"""Tokenize an ImageFolder split once into token shards, so stage two never touches images or the tokenizer.
+
+    python -m pipelines.extract_tokens                                   # demo: runs/tokenizer_demo on data/demo train
+    python -m pipelines.extract_tokens variants.ten_crop=true shard_size=500 out_dir=runs/tokens_demo_tc
+    accelerate launch --multi_gpu --num_processes 8 -m pipelines.extract_tokens data=imagenet \
+        data.root=/data/imagenet tokenizer_ckpt=runs/tokenizer_imagenet_256 out_dir=runs/tokens_imagenet \
+        shard_size=10000 mixed_precision=bf16
+
+Output directory::
+
+    manifest.json                  written last: shards, counts, sha256, codebook size, grid, variants, classes,
+                                   tokenizer weights hash and path (the reader checks all of them)
+    shard_00000.safetensors        images [0, S) of the sorted ImageFolder listing, S = shard_size
+    shard_00001.safetensors        images [S, 2S) ...
+    parts/                         per-shard records (count, sha256) that make resume and the merge work
+
+Each shard is one safetensors file with ``tokens`` (n, V, h, w) in uint16 (codebooks up to 65,536 codes)
+or int32 (larger), ``labels`` (n,) int32 and ``indices`` (n,) int64 (position of the source image in the
+sorted listing of ``<root>/<split>``). V is the number of augmentation variants (``manifest.variants``:
+centre crop, its horizontal flip, LlamaGen's ten crops).
+
+Why safetensors and not .npy: one shard is one file, so "complete" is one atomic rename and one checksum,
+where .npy would need three files per shard (tokens, labels, indices) that can get out of step. The
+format is a JSON header plus raw little-endian C-order arrays, so the reader memory-maps each array with
+``np.memmap`` at the offset the header gives (zero copy, random access, uint16 included, which torch
+itself handles poorly), it loads no code (unlike pickle), and every framework can read it.
+
+Why results do not depend on the number of processes: shard k always holds images [k*S, (k+1)*S), in
+batches cut at the same places; process r tokenizes shards r, r+W, r+2W, ... and writes them itself, and
+the main process writes the manifest from the per-shard records at the end. Resume skips shards whose
+record exists and whose file matches its sha256; ``stop_after_shards`` stops early to simulate a kill.
+Corrupt images follow ``data.on_corrupt``: ``skip`` leaves them out and lists them in the manifest
+(shard boundaries do not move), ``error`` stops with the file's name.
+
+Mixed precision (``mixed_precision=bf16`` on GPU) runs the encoder in bf16 but the nearest-code search
+in float32, so only the encoder's rounding can change a token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from omegaconf import DictConfig
+from safetensors.numpy import save_file
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pipelines.checkpoint import atomic_write, load_config, load_tokenizer, weights_hash
+from pipelines.cli import user_errors_exit
+from pipelines.data import (
+    MANIFEST_FILE,
+    TOKEN_SHARD_FORMAT,
+    CorruptImageError,
+    ShardMismatchError,
+    file_sha256,
+    load_rgb,
+    scan_image_folder,
+    token_variant_names,
+    token_views,
+)
+from tokenizer.model import IBQTokenizer
+
+PARTS_DIR, SETTINGS_FILE = "parts", "settings.json"
+
+
+def token_dtype(num_codes: int) -> np.dtype:
+    """uint16 holds ids of codebooks up to 2^16 codes; larger ones (2^18 ...) use int32."""
+    return np.dtype(np.uint16) if num_codes <= 1 << 16 else np.dtype(np.int32)
+
+
+def shard_name(k: int) -> str:
+    return f"shard_{k:05d}.safetensors"
+
+
+class _ViewDataset(Dataset):
+    """Source image ``i`` -> (views (V, 3, R, R), label, i); views is None for a skipped corrupt file."""
+
+    def __init__(self, samples: list[tuple[str, int]], resolution: int, variants: DictConfig, on_corrupt: str):
+        if on_corrupt not in ("skip", "error"):
+            raise ValueError(f"data.on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
+        self.samples, self.resolution, self.on_corrupt = samples, resolution, on_corrupt
+        self.flip, self.ten_crop, self.scale = bool(variants.flip), bool(variants.ten_crop), variants.ten_crop_scale
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor | None, int, int]:
+        path, label = self.samples[i]
+        try:
+            img = load_rgb(path)
+        except CorruptImageError as err:
+            if self.on_corrupt == "error":
+                raise
+            warnings.warn(f"skipping corrupt image {path} ({err.__cause__})", stacklevel=2)
+            return None, label, i
+        return token_views(img, self.resolution, self.flip, self.ten_crop, self.scale), label, i
+
+
+def _collate(batch: list[tuple[Tensor | None, int, int]]) -> tuple[Tensor | None, Tensor, Tensor, list[int]]:
+    kept = [b for b in batch if b[0] is not None]
+    x = torch.stack([b[0] for b in kept]) if kept else None
+    return (x, torch.tensor([b[1] for b in kept], dtype=torch.int32),
+            torch.tensor([b[2] for b in kept], dtype=torch.int64), [b[2] for b in batch if b[0] is None])
+
+
+@torch.inference_mode()
+def _tokenize(model: IBQTokenizer, x: Tensor, accelerator: Accelerator) -> Tensor:
+    """(B, 3, R, R) -> (B, h, w). Under mixed precision only the encoder runs in low precision."""
+    if accelerator.mixed_precision == "no":
+        return model.tokenize(x)
+    with accelerator.autocast():
+        z = model.quant_conv(model.encoder(x))
+    return model.quantizer.encode_indices(z.float())
+
+
+def _settings(cfg: DictConfig, model: IBQTokenizer, tok_hash: str, resolution: int,
+              samples: list[tuple[str, int]], split_dir: Path) -> dict[str, Any]:
+    """Everything that determines the shard bytes; a resumed run must match it exactly."""
+    listing = hashlib.sha256()
+    for path, label in samples:
+        listing.update(f"{Path(path).relative_to(split_dir).as_posix()}\t{label}\n".encode())
+    grid = resolution // model.cfg.downsample
+    return {
+        "format": TOKEN_SHARD_FORMAT, "tokenizer_hash": tok_hash, "num_codes": model.cfg.num_codes,
+        "grid": [grid, grid], "dtype": token_dtype(model.cfg.num_codes).name, "resolution": resolution,
+        "variants": token_variant_names(cfg.variants.flip, cfg.variants.ten_crop),
+        "ten_crop_scale": float(cfg.variants.ten_crop_scale) if cfg.variants.ten_crop else None,
+        "shard_size": int(cfg.shard_size), "num_source_images": len(samples), "listing_sha256": listing.hexdigest(),
+        "mixed_precision": str(cfg.mixed_precision), "on_corrupt": str(cfg.data.on_corrupt),
+    }
+
+
+def _check_previous(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume into a directory made with other settings (it would mix incompatible shards)."""
+    path = out / PARTS_DIR / SETTINGS_FILE
+    previous = json.loads(path.read_text()) if path.exists() else None
+    if previous is None and (out / MANIFEST_FILE).exists():
+        previous = json.loads((out / MANIFEST_FILE).read_text()).get("settings")
+    if previous is not None and previous != settings:
+        diff = ", ".join(f"{k}: {previous.get(k)} -> {settings.get(k)}" for k in sorted(set(previous) | set(settings))
+                         if previous.get(k) != settings.get(k))
+        raise ShardMismatchError(f"{out} already holds token shards extracted with other settings ({diff}); "
+                                 "use another out_dir or overwrite=true")
+
+
+def _clear(out: Path) -> None:
+    for f in [out / MANIFEST_FILE, *out.glob("shard_*.safetensors"), *out.glob(".shard_*.tmp"),
+              *(out / PARTS_DIR).glob("*.json")]:
+        f.unlink(missing_ok=True)
+
+
+def _record(out: Path, k: int) -> dict[str, Any] | None:
+    path = out / PARTS_DIR / f"{shard_name(k)}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _complete(out: Path, k: int) -> bool:
+    """A shard counts as done when its record exists and the file still matches the recorded sha256."""
+    rec = _record(out, k)
+    path = out / shard_name(k)
+    if rec is None or not path.exists():
+        return False
+    if path.stat().st_size != rec["bytes"] or file_sha256(path) != rec["sha256"]:
+        print(f"shard {path} does not match its record (damaged or altered): extracting it again")
+        return False
+    return True
+
+
+def _write_shard(out: Path, k: int, parts: dict[str, list], settings: dict[str, Any]) -> dict[str, Any]:
+    """Shard to a temp name, rename, then its record (so a record always describes a complete file)."""
+    h, w = settings["grid"]
+    dtype = np.dtype(settings["dtype"])
+    arrays = {
+        "tokens": np.concatenate(parts["tokens"]) if parts["tokens"] else
+        np.zeros((0, len(settings["variants"]), h, w), dtype),
+        "labels": np.concatenate(parts["labels"]) if parts["labels"] else np.zeros(0, np.int32),
+        "indices": np.concatenate(parts["indices"]) if parts["indices"] else np.zeros(0, np.int64),
+    }
+    start = k * settings["shard_size"]
+    end = min(settings["num_source_images"], start + settings["shard_size"])
+    path = out / shard_name(k)
+    # One metadata key: safetensors stores the metadata map in hash order, which would vary between runs.
+    meta = {"format": f"{TOKEN_SHARD_FORMAT} images [{start}, {end})"}
+    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
+    rec = {"file": path.name, "start": start, "end": end, "count": len(arrays["labels"]),
+           "bytes": path.stat().st_size, "sha256": file_sha256(path), "skipped": sorted(parts["skipped"])}
+    text = json.dumps(rec, indent=1)
+    atomic_write(out / PARTS_DIR / f"{path.name}.json", lambda tmp: Path(tmp).write_text(text))
+    return rec
+
+
+def extract(cfg: DictConfig) -> dict[str, Any] | None:
+    """Extract (or resume) token shards as configured. Returns the manifest plus run figures on the main
+    process once every shard is done; None on other processes or when stopped early."""
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.shard_size < 1 or cfg.batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1, got {cfg.shard_size} and {cfg.batch_size}")
+    tok_dir = Path(cfg.tokenizer_ckpt)
+    model = load_tokenizer(tok_dir, accelerator.device)
+    tok_hash = weights_hash(tok_dir)
+    resolution = int(cfg.resolution or load_config(tok_dir).get("data", {}).get("resolution")
+                     or model.cfg.resolution)
+    split_dir = Path(cfg.data.root) / cfg.split
+    samples, classes = scan_image_folder(split_dir)
+    samples = samples[:cfg.max_images] if cfg.max_images else samples
+    settings = _settings(cfg, model, tok_hash, resolution, samples, split_dir)
+    variants, (h, w), dtype = settings["variants"], settings["grid"], np.dtype(settings["dtype"])
+    n, size = len(samples), int(cfg.shard_size)
+    num_shards = math.ceil(n / size)
+
+    out = Path(cfg.out_dir)
+    if cfg.overwrite and accelerator.is_main_process:
+        _clear(out)
+    accelerator.wait_for_everyone()
+    _check_previous(out, settings)  # every process raises the same error, none waits for another
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for f in out.glob(".shard_*.tmp"):  # left by a killed run
+            f.unlink()
+        text = json.dumps(settings, indent=1)
+        atomic_write(out / PARTS_DIR / SETTINGS_FILE, lambda tmp: Path(tmp).write_text(text))
+    accelerator.wait_for_everyone()
+
+    # Round-robin shards over processes; each shard is cut into the same batches whatever the world size.
+    mine = list(range(rank, num_shards, world))
+    pending = [k for k in mine if not _complete(out, k)]
+    batches, owners = [], []
+    for k in pending:
+        for b in range(k * size, min(n, (k + 1) * size), cfg.batch_size):
+            batches.append(list(range(b, min(n, (k + 1) * size, b + cfg.batch_size))))
+            owners.append(k)
+    remaining = {k: owners.count(k) for k in pending}
+    dataset = _ViewDataset(samples, resolution, cfg.variants, cfg.data.on_corrupt)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=_collate,
+                        pin_memory=accelerator.device.type == "cuda")
+    if accelerator.is_main_process:
+        print(f"tokenizer {tok_dir} (hash {tok_hash}, {model.cfg.num_codes} codes, {h}x{w} grid) | {n} images of "
+              f"{split_dir} at {resolution}px | {len(variants)} variant(s) {variants} | {num_shards} shards of "
+              f"{size} | {world} process(es) on {accelerator.device} | out {out}")
+    progress = tqdm(total=sum(len(b) for b in batches), unit="img", desc="extract tokens", dynamic_ncols=True,
+                    disable=not accelerator.is_main_process)
+    parts = {k: {"tokens": [], "labels": [], "indices": [], "skipped": []} for k in pending}
+    written, processed, t0 = 0, 0, time.perf_counter()
+    for (x, labels, indices, skipped), k in zip(loader, owners, strict=True):
+        p = parts[k]
+        if x is not None:
+            views = x.flatten(0, 1).to(accelerator.device, non_blocking=True)
+            ids = _tokenize(model, views, accelerator).reshape(x.shape[0], len(variants), h, w)
+            p["tokens"].append(ids.cpu().numpy().astype(dtype))
+            p["labels"].append(labels.numpy())
+            p["indices"].append(indices.numpy())
+        p["skipped"] += skipped
+        processed += len(indices) + len(skipped)
+        progress.update(len(indices) + len(skipped))
+        remaining[k] -= 1
+        if remaining[k] == 0:
+            _write_shard(out, k, parts.pop(k), settings)
+            written += 1
+            progress.set_postfix(shards=written)
+            if cfg.stop_after_shards is not None and written >= cfg.stop_after_shards:
+                break
+    progress.close()
+    seconds = time.perf_counter() - t0
+    totals = gather_object([(processed, written, len(mine) - len(pending))])
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+
+    records = [_record(out, k) for k in range(num_shards)]
+    done = sum(r is not None for r in records)
+    if done < num_shards:
+        print(f"stopped with {done}/{num_shards} shards complete; run the same command again to resume")
+        return None
+    manifest = _manifest(cfg, settings, records, classes, samples, tok_dir)
+    text = json.dumps(manifest, indent=1)
+    atomic_write(out / MANIFEST_FILE, lambda tmp: Path(tmp).write_text(text))
+    images_done = sum(t[0] for t in totals)
+    stats = {"images_per_s": images_done / seconds if images_done else 0.0, "seconds": seconds,
+             "images_this_run": images_done, "shards_written": sum(t[1] for t in totals),
+             "shards_resumed": sum(t[2] for t in totals),
+             "bytes": sum(r["bytes"] for r in records), "tokens": manifest["num_tokens"]}
+    speed = f"{stats['images_per_s']:.1f} images/s over {world} process(es)" if images_done else "nothing left to do"
+    print(f"[tokens] {num_shards} shards ({stats['shards_written']} written, {stats['shards_resumed']} already "
+          f"complete) | {manifest['num_images']} images x {len(variants)} variants = {manifest['num_tokens']:,} "
+          f"tokens ({h}x{w}, {dtype.name}) | {len(manifest['skipped'])} skipped | {speed} | "
+          f"{stats['bytes'] / max(1, manifest['num_images']):.0f} bytes/image | {out / MANIFEST_FILE}")
+    return {**manifest, "stats": stats}
+
+
+def _manifest(cfg: DictConfig, settings: dict[str, Any], records: list[dict], classes: list[str],
+              samples: list[tuple[str, int]], tok_dir: Path) -> dict[str, Any]:
+    """Deterministic (no times, no process count), so reruns and any world size give the same file."""
+    h, w = settings["grid"]
+    num_images = sum(r["count"] for r in records)
+    skipped = [{"index": i, "path": samples[i][0]} for r in records for i in r["skipped"]]
+    return {
+        "format": TOKEN_SHARD_FORMAT,
+        "num_images": num_images,
+        "num_tokens": num_images * len(settings["variants"]) * h * w,
+        "num_codes": settings["num_codes"], "grid": [h, w], "dtype": settings["dtype"],
+        "variants": settings["variants"], "resolution": settings["resolution"],
+        "classes": list(classes), "num_classes": len(classes),
+        "tokenizer_hash": settings["tokenizer_hash"], "tokenizer_path": str(tok_dir),
+        "dataset": {"root": str(cfg.data.root), "split": str(cfg.split)},
+        "shard_size": settings["shard_size"], "num_shards": len(records),
+        "shards": [{k: r[k] for k in ("file", "start", "end", "count", "bytes", "sha256")} for r in records],
+        "skipped": skipped,
+        "settings": settings,
+    }
+
+
+@hydra.main(config_path="../conf", config_name="extract_tokens", version_base=None)
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    extract(cfg)
+
+
+if __name__ == "__main__":
+    main()
