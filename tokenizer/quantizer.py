@@ -7,15 +7,23 @@ them the same. See DESIGN.md section 1 for the method.
 IBQ in one line: ``logits = z . E^T``, ``soft = softmax(logits)``, ``idx = argmax(logits)`` and a
 straight-through estimator on the *index distribution* (one-hot minus stop-gradient softmax plus
 softmax), so the forward value is exactly ``E[idx]`` while every code receives gradient.
+
+At N = 2^18 codes the textbook computation holds several (positions x N) float tensors (logits,
+softmax, their gradients: gigabytes per batch). ``IBQuantizer(impl="tiled")`` computes the same
+values and gradients with a custom autograd function that sweeps the codebook in tiles with an
+online log-sum-exp and recomputes the logits in backward (see ``_TiledIBQ``); ``impl="auto"``
+(the default) picks it from ``TILED_MIN_CODES`` codes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 ENTROPY_EPS = 1e-10  # guards log(0) in the batch-average entropy when a code's mean probability underflows
 
@@ -29,6 +37,18 @@ class QuantizerOutput:
     loss: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)  # unweighted named loss terms
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached diagnostics
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """At least float32: half precision is raised, float64 (gradcheck) is kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on x's device: the quantizer computes in float32 (T = 0.01 logits need it)."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()  # e.g. the meta device
 
 
 def _flatten(z: Tensor) -> Tensor:
@@ -52,7 +72,7 @@ def entropy_loss_terms(logits: Tensor, temperature: float) -> tuple[Tensor, Tens
     ``logits`` is (M, N). Computed in float32 whatever the autocast dtype: at T = 0.01 the
     scaled logits span thousands, which half precision cannot hold.
     """
-    scaled = logits.float() / temperature
+    scaled = _upcast(logits) / temperature
     log_p = F.log_softmax(scaled, dim=-1)
     p = log_p.exp()
     sample_entropy = -(p * log_p).sum(-1).mean()
@@ -70,6 +90,204 @@ def codebook_stats(indices: Tensor, num_codes: int) -> dict[str, Tensor]:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Tiled IBQ: the same values and gradients without any (positions x codes) tensor.
+#
+# Notation (flattened position i, code n): l = z E^T, p = softmax(l) (straight-through softmax),
+# a = l / T, q = softmax(a) (entropy softmax), pbar = mean_i q_i, B = H(pbar), g = dB/dpbar.
+# Forward, two sweeps over code tiles (a tile is at most pos_tile x code_tile logits):
+#   1. running max m / argmax of l and the entropy softmax's normaliser sum exp((l - m) / T),
+#      rescaled whenever the running max grows (online log-sum-exp);
+#   2. with the final m and normaliser: H_i = -sum_n q log q, the tile's column of pbar and, for
+#      backward, sum exp(l - m) (p's normaliser), s = p E (soft codes) and c_i = sum_n q_in g_n,
+#      since g_n is known as soon as the tile's pbar column is complete (every position seen).
+# Backward, one sweep that recomputes l and forms the tile's whole logit gradient
+#   dl = p (G E^T - <G, s_i>)                          z_q = E[idx] + p sg(E) - sg(p E), G = dL/dz_q
+#      + gS / (M T) * (-q (log q + H_i))                sample entropy  mean_i H(q_i)
+#      + gB / (M T) * q (g_n - c_i)                     batch entropy   H(pbar)
+# then dz += dl E_t and dE_t += dl^T z. The hard lookup E[idx] (z_q's value and the codebook loss
+# term) scatters its gradient with one index_add, so backward holds a single (N, D) buffer.
+# Cost: 7 (M x tile x D) matmul sweeps against the naive 5 (two logit recomputations), but every
+# elementwise pass stays on a tile instead of gigabyte tensors; see bench/quantizer.py.
+# ---------------------------------------------------------------------------------------------
+
+IMPLS = ("naive", "tiled", "auto")
+TILED_MIN_CODES = 8192  # impl="auto" uses the tiled kernel from this codebook size on
+# Exponents are raised to this floor before exp: exp(-87) < 2e-38, so no sum moves, but CPU's
+# vectorised exp takes a ~10x slower path for arguments whose result would be subnormal or zero,
+# and at T = 0.01 almost every argument is like that.
+EXP_FLOOR = -87.0
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 stays float64 (gradcheck); fp16 / bf16 / fp32 inputs are computed in float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _tiles(total: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+class _Scratch:
+    """Tile buffers allocated once per call and handed out as contiguous (rows, cols) views.
+
+    Allocating tens of MB per tile makes the CPU allocator map and fault fresh pages every time,
+    which costs about as much as the arithmetic; reusing one buffer per role keeps them hot.
+    """
+
+    def __init__(self, count: int, numel: int, like: Tensor, dtype: torch.dtype) -> None:
+        self.bufs = [torch.empty(numel, device=like.device, dtype=dtype) for _ in range(count)]
+
+    def views(self, *shapes: tuple[int, int]) -> list[Tensor]:
+        """One (rows, cols) view per shape, of the buffers in order."""
+        return [b[: r * c].view(r, c) for b, (r, c) in zip(self.bufs, shapes, strict=False)]
+
+
+def _batch_entropy_grad(pbar: Tensor) -> Tensor:
+    """d/dpbar of entropy(pbar) exactly as autograd differentiates ``entropy`` (clamp included)."""
+    return -(pbar.clamp_min(ENTROPY_EPS).log() + (pbar >= ENTROPY_EPS).to(pbar.dtype))
+
+
+@torch.no_grad()
+def tiled_argmax(z_flat: Tensor, codebook: Tensor, code_tile: int = 4096, pos_tile: int = 8192) -> Tensor:
+    """argmax_n z_i . E_n for every row of ``z_flat`` holding at most pos_tile x code_tile logits.
+
+    Ties go to the lowest code index, as ``Tensor.argmax`` on the full logits does.
+    """
+    dtype = _compute_dtype(z_flat, codebook)
+    z, codes = z_flat.to(dtype), codebook.to(dtype)
+    m, n = z.shape[0], codes.shape[0]
+    best = torch.full((m,), -torch.inf, device=z.device, dtype=dtype)
+    idx = torch.zeros(m, device=z.device, dtype=torch.long)
+    scratch = _Scratch(1, min(pos_tile, m) * min(code_tile, n), z, dtype)
+    for n0, n1 in _tiles(n, code_tile):
+        for i0, i1 in _tiles(m, pos_tile):
+            (logits,) = scratch.views((i1 - i0, n1 - n0))
+            tile_max, tile_arg = torch.matmul(z[i0:i1], codes[n0:n1].t(), out=logits).max(1)
+            better = tile_max > best[i0:i1]  # strict: a tie in a later tile keeps the earlier code
+            best[i0:i1] = torch.where(better, tile_max, best[i0:i1])
+            idx[i0:i1] = torch.where(better, tile_arg + n0, idx[i0:i1])
+    return idx
+
+
+class _TiledIBQ(torch.autograd.Function):
+    """(z_flat (M, D), codebook (N, D)) -> z_q, E[idx], mean_i H(q_i), H(pbar), idx; see the notes above.
+
+    z_q and E[idx] have the same value; they are separate outputs because their gradients differ
+    (z_q's also flows through the softmax). Only per-position and per-code vectors are saved.
+    Tile ops work in place on buffers allocated once per call, and elementwise passes are counted:
+    on CPU each one over a tile costs a tenth of a matmul sweep.
+    """
+
+    @staticmethod
+    def forward(ctx, z_flat: Tensor, codebook: Tensor, temperature: float, code_tile: int, pos_tile: int,
+                need_grad: bool = True):
+        dtype = _compute_dtype(z_flat, codebook)
+        z, codes = z_flat.detach().to(dtype), codebook.detach().to(dtype)
+        (m, d), n, t = z.shape, codes.shape[0], temperature
+        code_tiles, pos_tiles = _tiles(n, code_tile), _tiles(m, pos_tile)
+        scratch = _Scratch(2, min(pos_tile, m) * min(code_tile, n), z, dtype)
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, device=z.device, dtype=dtype)
+
+        # Sweep 1: running max / argmax and the entropy softmax's normaliser (online log-sum-exp).
+        row_max = torch.full((m,), -torch.inf, device=z.device, dtype=dtype)
+        idx = torch.zeros(m, device=z.device, dtype=torch.long)
+        sum_q = zeros(m)
+        for n0, n1 in code_tiles:
+            for i0, i1 in pos_tiles:
+                logits, buf = scratch.views((i1 - i0, n1 - n0), (i1 - i0, n1 - n0))
+                torch.matmul(z[i0:i1], codes[n0:n1].t(), out=logits)
+                tile_max, tile_arg = logits.max(1)
+                old = row_max[i0:i1]
+                idx[i0:i1] = torch.where(tile_max > old, tile_arg + n0, idx[i0:i1])  # ties keep the lower code
+                new = torch.maximum(old, tile_max)
+                tile_sum = torch.sub(logits, new[:, None], out=buf).div_(t).clamp_min_(EXP_FLOOR).exp_().sum(1)
+                sum_q[i0:i1] = sum_q[i0:i1] * ((old - new) / t).exp() + tile_sum
+                row_max[i0:i1] = new
+        log_sum_q = sum_q.log()  # log q = (l - max) / T - log_sum_q
+
+        # Sweep 2 (final max known): per-position entropy, batch-average probabilities and, for
+        # backward only, the straight-through softmax's normaliser, the soft codes and c (fused here
+        # when a tile holds every position, since the tile's pbar column is then complete).
+        sum_p, soft_codes, sample_ent, pbar_sum, c = zeros(m), zeros(m, d), zeros(m), zeros(n), zeros(m)
+        fused_c = need_grad and len(pos_tiles) == 1
+        ones = torch.ones(min(pos_tile, m), device=z.device, dtype=dtype)
+        for n0, n1 in code_tiles:
+            for i0, i1 in pos_tiles:
+                logits, buf = scratch.views((i1 - i0, n1 - n0), (i1 - i0, n1 - n0))
+                shifted = torch.matmul(z[i0:i1], codes[n0:n1].t(), out=logits).sub_(row_max[i0:i1, None])
+                if need_grad:
+                    e = torch.clamp(shifted, min=EXP_FLOOR, out=buf).exp_()  # unnormalised p
+                    sum_p[i0:i1] += e.sum(1)
+                    soft_codes[i0:i1].addmm_(e, codes[n0:n1])
+                log_q = shifted.div_(t).sub_(log_sum_q[i0:i1, None])
+                q = torch.clamp(log_q, min=EXP_FLOOR, out=buf).exp_()
+                pbar_sum[n0:n1] += ones[: i1 - i0] @ q  # column sums; BLAS is faster than sum(0)
+                if fused_c:
+                    c += q @ _batch_entropy_grad(pbar_sum[n0:n1] / m)
+                sample_ent[i0:i1] -= log_q.mul_(q).sum(1)
+        if need_grad:
+            soft_codes /= sum_p[:, None]
+        pbar = pbar_sum / m
+        g = _batch_entropy_grad(pbar)
+        if need_grad and not fused_c:  # positions were split: one more sweep for c_i = sum_n q_in g_n
+            for n0, n1 in code_tiles:
+                for i0, i1 in pos_tiles:
+                    (logits,) = scratch.views((i1 - i0, n1 - n0))
+                    log_q = torch.matmul(z[i0:i1], codes[n0:n1].t(), out=logits).sub_(row_max[i0:i1, None])
+                    c[i0:i1] += log_q.div_(t).sub_(log_sum_q[i0:i1, None]).clamp_min_(EXP_FLOOR).exp_() @ g[n0:n1]
+
+        hard = codebook.detach()[idx]
+        ctx.mark_non_differentiable(idx)
+        ctx.save_for_backward(z_flat, codebook, idx, row_max, sum_p, log_sum_q, sample_ent, c, g, soft_codes)
+        ctx.temperature, ctx.code_tile, ctx.pos_tile = t, code_tile, pos_tile
+        return hard.clone(), hard, sample_ent.mean(), entropy(pbar), idx
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_zq: Tensor, g_hard: Tensor, g_sample: Tensor, g_batch: Tensor, _g_idx: Tensor):
+        z_flat, codebook, idx, row_max, sum_p, log_sum_q, sample_ent, c, g, soft_codes = ctx.saved_tensors
+        need_z, need_e = ctx.needs_input_grad[:2]
+        with _no_autocast(z_flat):
+            dtype = _compute_dtype(z_flat, codebook)
+            z, codes = z_flat.to(dtype), codebook.to(dtype)
+            m, n, t = z.shape[0], codes.shape[0], ctx.temperature
+            g_zq, g_sample, g_batch = g_zq.to(dtype), g_sample.to(dtype), g_batch.to(dtype)
+            # Straight-through softmax: dl = p * (G E^T - <G, s>) with p = e / sum_p, e = exp(l - max);
+            # 1 / sum_p is folded into G so that the tile only needs e.
+            g_scaled = g_zq / sum_p[:, None]
+            g_soft_bar = (g_scaled * soft_codes).sum(1)
+            # Entropy terms: dl += q * X / (M T), X = -gS (log q + H_i) + gB (g_n - c_i) with
+            # log q = (l - max) / T - log_sum_q, i.e. X = -gS / T * (l - max) + row_i + col_n.
+            row_term = g_sample * (log_sum_q - sample_ent) - g_batch * c
+            col_term = g_batch * g
+            scale = -g_sample / t
+            dz = torch.zeros_like(z) if need_z else None
+            de = torch.zeros_like(codes) if need_e else None
+            pos_tiles = _tiles(m, ctx.pos_tile)
+            stacked = [torch.cat([z[i0:i1], g_scaled[i0:i1]]) for i0, i1 in pos_tiles]  # one matmul for l and h
+            scratch = _Scratch(2, 2 * min(ctx.pos_tile, m) * min(ctx.code_tile, n), z, dtype)
+            for n0, n1 in _tiles(n, ctx.code_tile):
+                for (i0, i1), zg in zip(pos_tiles, stacked, strict=True):
+                    both, buf = scratch.views((2 * (i1 - i0), n1 - n0), (i1 - i0, n1 - n0))
+                    torch.matmul(zg, codes[n0:n1].t(), out=both)
+                    shifted, dl = both[: i1 - i0].sub_(row_max[i0:i1, None]), both[i1 - i0:]
+                    dl.sub_(g_soft_bar[i0:i1, None]).mul_(torch.clamp(shifted, min=EXP_FLOOR, out=buf).exp_())
+                    q = torch.div(shifted, t, out=buf).sub_(log_sum_q[i0:i1, None]).clamp_min_(EXP_FLOOR).exp_()
+                    x = shifted.mul_(scale).add_(row_term[i0:i1, None]).add_(col_term[None, n0:n1])
+                    dl.addcmul_(x, q, value=1.0 / (m * t))
+                    if need_z:
+                        dz[i0:i1].addmm_(dl, codes[n0:n1])
+                    if need_e:
+                        de[n0:n1].addmm_(dl.t(), z[i0:i1])
+            if need_e:
+                de.index_add_(0, idx, g_zq + g_hard.to(dtype))
+        return (dz.to(z_flat.dtype) if need_z else None, de.to(codebook.dtype) if need_e else None,
+                None, None, None, None)
+
+
 class IBQuantizer(nn.Module):
     """Index Backpropagation Quantizer.
 
@@ -78,6 +296,9 @@ class IBQuantizer(nn.Module):
       entropy = sample_weight * mean_i H(p_i) - batch_weight * H(mean_i p_i),  p = softmax(logits / T)
       loss = quant_weight * quant + entropy_weight * entropy
     ``beta_on_codebook=False`` moves beta to the commitment term, as the paper's equation writes it.
+    ``impl``: "naive" builds the (positions x N) logits; "tiled" computes the same values and
+    gradients in code_tile x pos_tile blocks (memory independent of N); "auto" = tiled from
+    ``TILED_MIN_CODES`` codes on. The quantizer always runs in float32, also under autocast.
     """
 
     def __init__(
@@ -91,21 +312,38 @@ class IBQuantizer(nn.Module):
         entropy_temperature: float = 0.01,
         sample_entropy_weight: float = 1.0,
         batch_entropy_weight: float = 1.0,
+        impl: str = "auto",
+        code_tile: int = 4096,
+        pos_tile: int = 8192,
     ) -> None:
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"unknown IBQ impl {impl!r}; choose one of {list(IMPLS)}")
+        if int(code_tile) < 1 or int(pos_tile) < 1:
+            raise ValueError(f"code_tile and pos_tile must be positive, got {code_tile} and {pos_tile}")
         self.num_codes, self.dim = num_codes, dim
         self.beta, self.beta_on_codebook = beta, beta_on_codebook
         self.quant_weight, self.entropy_weight = quant_weight, entropy_weight
         self.entropy_temperature = entropy_temperature
         self.sample_entropy_weight, self.batch_entropy_weight = sample_entropy_weight, batch_entropy_weight
+        self.impl, self.code_tile, self.pos_tile = impl, int(code_tile), int(pos_tile)
         self.embedding = nn.Embedding(num_codes, dim)  # N(0, 1) init, as the reference
+
+    @property
+    def tiled(self) -> bool:
+        """Whether forward / encode_indices use the tiled kernel (resolves impl="auto")."""
+        return self.impl == "tiled" or (self.impl == "auto" and self.num_codes >= TILED_MIN_CODES)
+
+    def extra_repr(self) -> str:
+        return f"num_codes={self.num_codes}, dim={self.dim}, impl={self.impl} (tiled={self.tiled})"
 
     def logits(self, z_flat: Tensor) -> Tensor:
         """Plain dot products between positions and codes, accumulated in float32."""
-        return z_flat.float() @ self.embedding.weight.float().t()
+        with _no_autocast(z_flat):
+            return _upcast(z_flat) @ _upcast(self.embedding.weight).t()
 
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        z_flat = _flatten(z)
+    def _naive(self, z_flat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """z_q, E[idx], idx, sample entropy, batch entropy from the full (M, N) logits."""
         codebook = self.embedding.weight
         logits = self.logits(z_flat)
         soft = logits.softmax(-1)
@@ -115,20 +353,34 @@ class IBQuantizer(nn.Module):
         # onehot @ E == E[idx] + soft @ sg(E) - sg(soft @ E) in value and in every gradient.
         # E itself must be stop-gradient inside ``soft @ E``: the one-hot's *value* is hard, so the
         # codebook only gets hard^T g from z_q (plus what flows back through the logits).
-        soft_codes = soft @ codebook.detach().float()
+        soft_codes = soft @ _upcast(codebook.detach())
         zq_flat = hard_codes + (soft_codes - soft_codes.detach()).to(hard_codes.dtype)
-
-        z32, zq32, hard32 = z_flat.float(), zq_flat.float(), hard_codes.float()
-        st = F.mse_loss(zq32, z32)
-        commitment = F.mse_loss(hard32.detach(), z32)
-        codebook_term = F.mse_loss(hard32, z32.detach())
-        if self.beta_on_codebook:
-            quant = st + commitment + self.beta * codebook_term
-        else:
-            quant = st + self.beta * commitment + codebook_term
         sample_h, batch_h = entropy_loss_terms(logits, self.entropy_temperature)
-        entropy_loss = self.sample_entropy_weight * sample_h - self.batch_entropy_weight * batch_h
-        loss = self.quant_weight * quant + self.entropy_weight * entropy_loss
+        return zq_flat, hard_codes, idx, sample_h, batch_h
+
+    def _tiled(self, z_flat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        codebook = self.embedding.weight
+        # Under no_grad (evaluation) the sweeps skip what only backward needs.
+        need_grad = torch.is_grad_enabled() and (z_flat.requires_grad or codebook.requires_grad)
+        zq_flat, hard_codes, sample_h, batch_h, idx = _TiledIBQ.apply(
+            z_flat, codebook, self.entropy_temperature, self.code_tile, self.pos_tile, need_grad)
+        return zq_flat, hard_codes, idx, sample_h, batch_h
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        with _no_autocast(z):
+            z_flat = _flatten(z)
+            zq_flat, hard_codes, idx, sample_h, batch_h = (self._tiled if self.tiled else self._naive)(z_flat)
+
+            z32, zq32, hard32 = _upcast(z_flat), _upcast(zq_flat), _upcast(hard_codes)
+            st = F.mse_loss(zq32, z32)
+            commitment = F.mse_loss(hard32.detach(), z32)
+            codebook_term = F.mse_loss(hard32, z32.detach())
+            if self.beta_on_codebook:
+                quant = st + commitment + self.beta * codebook_term
+            else:
+                quant = st + self.beta * commitment + codebook_term
+            entropy_loss = self.sample_entropy_weight * sample_h - self.batch_entropy_weight * batch_h
+            loss = self.quant_weight * quant + self.entropy_weight * entropy_loss
 
         indices = idx.reshape(z.shape[0], z.shape[2], z.shape[3])
         terms = {
@@ -150,8 +402,13 @@ class IBQuantizer(nn.Module):
 
     @torch.no_grad()
     def encode_indices(self, z: Tensor) -> Tensor:
-        """Token ids (B, h, w) for inference: argmax of the logits, no losses."""
-        idx = self.logits(_flatten(z)).argmax(-1)
+        """Token ids (B, h, w) for inference: argmax of the logits (tiled over codes when ``tiled``)."""
+        z_flat = _flatten(z)
+        if self.tiled:
+            with _no_autocast(z):
+                idx = tiled_argmax(z_flat, self.embedding.weight, self.code_tile, self.pos_tile)
+        else:
+            idx = self.logits(z_flat).argmax(-1)
         return idx.reshape(z.shape[0], z.shape[2], z.shape[3])
 
     def lookup(self, indices: Tensor) -> Tensor:

@@ -1,0 +1,240 @@
+"""The tiled IBQ kernel against the naive one: same indices, values and gradients, no (M x N) tensor."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.conftest import TINY_TOKENIZER, compose_config
+from tokenizer.model import IBQTokenizer, TokenizerConfig
+from tokenizer.quantizer import TILED_MIN_CODES, IBQuantizer, tiled_argmax
+
+TERMS = ("quant_st", "commitment", "codebook", "quant", "sample_entropy", "batch_entropy", "entropy")
+
+
+def _pair(num_codes, dim, code_tile, pos_tile, dtype=torch.float32, seed=0, **kwargs):
+    """A naive and a tiled quantizer sharing one codebook."""
+    torch.manual_seed(seed)
+    naive = IBQuantizer(num_codes, dim, impl="naive", **kwargs).to(dtype)
+    tiled = IBQuantizer(num_codes, dim, impl="tiled", code_tile=code_tile, pos_tile=pos_tile, **kwargs).to(dtype)
+    tiled.load_state_dict(naive.state_dict())
+    return naive, tiled
+
+
+def _step(q, z, target):
+    """Forward + backward of a loss that uses z_q (random upstream gradient) and every loss term."""
+    z = z.detach().clone().requires_grad_(True)
+    q.embedding.weight.grad = None
+    out = q(z)
+    ((out.z_q - target) ** 2).sum().add(out.loss).backward()
+    return out, z.grad, q.embedding.weight.grad
+
+
+def _assert_rel_close(actual, expected, rtol=1e-5):
+    """Within rtol of the larger entries: elementwise relative error is meaningless for the tiny ones."""
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+def _assert_same(naive, tiled, z, rtol=1e-5):
+    target = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=z.dtype)
+    out_n, gz_n, ge_n = _step(naive, z, target)
+    out_t, gz_t, ge_t = _step(tiled, z, target)
+    assert torch.equal(out_t.indices, out_n.indices)
+    assert torch.equal(out_t.z_q, out_n.z_q)
+    for name in TERMS:
+        torch.testing.assert_close(out_t.terms[name], out_n.terms[name], rtol=rtol, atol=0, msg=name)
+    torch.testing.assert_close(out_t.loss, out_n.loss, rtol=rtol, atol=0)
+    for name in ("usage", "perplexity"):
+        assert torch.equal(out_t.stats[name], out_n.stats[name])
+    _assert_rel_close(gz_t, gz_n, rtol)
+    _assert_rel_close(ge_t, ge_n, rtol)
+    return out_t, ge_t
+
+
+@pytest.mark.parametrize("temperature,scale", [(0.5, 1.0), (0.01, 0.3)])
+@pytest.mark.parametrize("code_tile,pos_tile", [(10, 7), (10, 100), (64, 64), (1, 4)])
+def test_tiled_equals_naive_small(code_tile, pos_tile, temperature, scale):
+    # 37 codes in tiles of 10 (the last one short), 30 positions in tiles of 7 (positions split:
+    # the extra sweep for c) or 100 (every position in one tile: c fused into sweep 2).
+    naive, tiled = _pair(37, 8, code_tile, pos_tile, entropy_temperature=temperature)
+    z = torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(0)) * scale
+    out, _ = _assert_same(naive, tiled, z)
+    assert out.terms["sample_entropy"] > 1e-3  # the entropy terms are exercised, not all zero
+
+
+def test_tiled_equals_naive_2e14_codes():
+    naive, tiled = _pair(2**14, 16, code_tile=3000, pos_tile=4096)
+    z = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.2
+    out, _ = _assert_same(naive, tiled, z)
+    assert out.terms["sample_entropy"] > 1e-3
+
+
+def test_beta_on_commitment_and_weights_match():
+    kwargs = dict(beta=0.5, beta_on_codebook=False, quant_weight=0.7, entropy_weight=0.2,
+                  sample_entropy_weight=0.3, batch_entropy_weight=2.0, entropy_temperature=0.2)
+    naive, tiled = _pair(23, 6, code_tile=5, pos_tile=3, **kwargs)
+    _assert_same(naive, tiled, torch.randn(2, 6, 2, 3, generator=torch.Generator().manual_seed(2)))
+
+
+def test_gradcheck_float64():
+    """Finite differences in float64 on a tiny case (3 code tiles, 3 position tiles).
+
+    z_q's value E[idx] is piecewise constant, so its straight-through gradient is checked against
+    the function it stands for, E[idx] + softmax(z E^T) @ sg(E); the loss terms whose stop-gradients
+    make them no plain function of (z, E) are checked w.r.t. the input they do differentiate.
+    """
+    naive, tiled = _pair(7, 3, code_tile=3, pos_tile=2, dtype=torch.float64, entropy_temperature=0.5)
+    z = torch.randn(1, 3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    codebook = tiled.embedding.weight.detach().clone()
+
+    def run(z, codebook):
+        return torch.func.functional_call(tiled, {"embedding.weight": codebook}, (z,))
+
+    def entropies(z, codebook):
+        out = run(z, codebook)
+        return out.terms["sample_entropy"], out.terms["batch_entropy"], out.terms["entropy"]
+
+    z_, e_ = z.clone().requires_grad_(True), codebook.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(entropies, (z_, e_))
+    assert torch.autograd.gradcheck(lambda e: run(z, e).terms["codebook"], (e_,))
+    assert torch.autograd.gradcheck(lambda x: run(x, codebook).terms["commitment"], (z_,))
+
+    # Straight-through: d/d(z, E) of sum(w * z_q) == d/d(z, E) of sum(w * (E[idx] + softmax(z E^T) @ E0)).
+    weight = torch.randn(1, 3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = run(z_, e_)
+    idx = out.indices.reshape(-1)
+    grad_z, grad_e = torch.autograd.grad((out.z_q * weight).sum(), (z_, e_))
+    w_flat = weight.permute(0, 2, 3, 1).reshape(-1, 3)
+
+    def surrogate(z, codebook):
+        z_flat = z.permute(0, 2, 3, 1).reshape(-1, 3)
+        soft = (z_flat @ codebook.t()).softmax(-1)
+        return (w_flat * (codebook[idx] + soft @ codebook_0)).sum()
+
+    codebook_0, eps = codebook.clone(), 1e-6
+    for x, grad in ((z, grad_z), (codebook, grad_e)):
+        numeric = torch.zeros_like(x)
+        for i in range(x.numel()):
+            up, down = x.clone(), x.clone()
+            up.view(-1)[i] += eps
+            down.view(-1)[i] -= eps
+            args_up = (up, codebook) if x is z else (z, up)
+            args_down = (down, codebook) if x is z else (z, down)
+            numeric.view(-1)[i] = (surrogate(*args_up) - surrogate(*args_down)) / (2 * eps)
+        torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-8)
+
+    # ... and in float64 the two implementations agree to round-off.
+    _assert_same(naive, tiled, z, rtol=1e-10)
+
+
+def test_unselected_codes_get_gradient():
+    naive, tiled = _pair(64, 8, code_tile=16, pos_tile=5)
+    z = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    out, grad = _assert_same(naive, tiled, z)
+    unused = torch.ones(64, dtype=torch.bool)
+    unused[out.indices.unique()] = False
+    assert unused.sum() > 40
+    assert (grad.norm(dim=1)[unused] > 0).all()
+
+    # through z_q alone, as well: the straight-through softmax reaches every code
+    tiled.embedding.weight.grad = None
+    tiled(z).z_q.sum().backward()
+    assert (tiled.embedding.weight.grad.norm(dim=1)[unused] > 0).all()
+
+
+def test_encode_indices_and_ties_match_naive():
+    naive, tiled = _pair(1000, 8, code_tile=97, pos_tile=5)
+    z = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tiled.encode_indices(z), naive.encode_indices(z))
+    assert torch.equal(tiled.encode_indices(z), tiled(z).indices)
+
+    # Exact ties, inside one tile and across tiles: the lowest index wins, as with argmax.
+    with torch.no_grad():
+        for q in (naive, tiled):
+            q.embedding.weight.mul_(0.01)
+            q.embedding.weight[[150, 151, 600]] = 5.0
+    z = z.abs()
+    expected = torch.full((2, 4, 4), 150)
+    assert torch.equal(naive.encode_indices(z), expected)
+    assert torch.equal(tiled.encode_indices(z), expected)
+    assert torch.equal(tiled(z).indices, expected)
+
+
+def test_tiled_argmax_never_exceeds_its_tile():
+    # The argmax helper on its own, on a codebook size that is not a multiple of any tile.
+    z, codebook = torch.randn(13, 5), torch.randn(101, 5)
+    for code_tile, pos_tile in [(1, 1), (10, 4), (200, 200)]:
+        assert torch.equal(tiled_argmax(z, codebook, code_tile, pos_tile), (z @ codebook.t()).argmax(1))
+
+
+def test_autocast_bfloat16_computes_in_float32():
+    naive, tiled = _pair(50, 8, code_tile=16, pos_tile=7, entropy_temperature=0.2)
+    z16 = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    target = torch.zeros(2, 8, 3, 3)
+    ref, ref_gz, ref_ge = _step(naive, z16.float(), target)  # float32 reference on the same inputs
+    for q in (naive, tiled):
+        q.embedding.weight.grad = None
+        z = z16.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = q(z)
+            loss = ((out.z_q - target) ** 2).sum().add(out.loss)
+        loss.backward()  # outside autocast, as recommended (and as Accelerate does)
+        assert out.z_q.dtype == torch.float32 and out.loss.dtype == torch.float32
+        assert torch.equal(out.indices, ref.indices)  # the logits were not rounded to bfloat16
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
+        # z's gradient comes back in bfloat16 (rounded per path); the codebook's stays float32
+        assert z.grad.dtype == torch.bfloat16
+        _assert_rel_close(z.grad.float(), ref_gz, rtol=2e-2)
+        _assert_rel_close(q.embedding.weight.grad, ref_ge)
+
+
+def _tokenizer_config(*overrides):
+    cfg = compose_config("train_tokenizer", [*TINY_TOKENIZER, *overrides])
+    return TokenizerConfig.from_dict(OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
+
+
+def test_config_selects_implementation():
+    args = "+tokenizer.model.quantizer_args"
+    cfg = _tokenizer_config("tokenizer.model.num_codes=100", f"{args}.impl=tiled", f"{args}.code_tile=33",
+                            f"{args}.pos_tile=9")
+    tiled = IBQTokenizer(cfg)
+    assert tiled.quantizer.tiled and (tiled.quantizer.code_tile, tiled.quantizer.pos_tile) == (33, 9)
+    naive = IBQTokenizer(_tokenizer_config("tokenizer.model.num_codes=100"))  # demo config: auto
+    assert naive.quantizer.impl == "auto" and not naive.quantizer.tiled
+    naive.load_state_dict(tiled.state_dict())  # same parameters: impl is not part of the checkpoint
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        (rec_t, out_t), (rec_n, out_n) = tiled(x), naive(x)
+    assert torch.equal(out_t.indices, out_n.indices)
+    assert torch.equal(tiled.tokenize(x), out_n.indices)
+    torch.testing.assert_close(rec_t, rec_n)
+    torch.testing.assert_close(out_t.loss, out_n.loss, rtol=1e-5, atol=0)
+
+    # auto picks the tiled kernel for large codebooks only
+    assert IBQuantizer(TILED_MIN_CODES, 4).tiled and not IBQuantizer(TILED_MIN_CODES - 1, 4).tiled
+    assert not IBQuantizer(TILED_MIN_CODES, 4, impl="naive").tiled
+
+
+def test_reference_config_defaults_to_tiled():
+    cfg = compose_config("train_tokenizer", ["tokenizer=imagenet_256", "tokenizer.model.num_codes=262144"])
+    args = OmegaConf.to_container(cfg.tokenizer.model.quantizer_args)
+    assert args["impl"] == "auto" and args["code_tile"] > 0 and args["pos_tile"] > 0
+    q = IBQuantizer(num_codes=cfg.tokenizer.model.num_codes, dim=4, **args)
+    assert q.tiled
+
+
+@pytest.mark.parametrize("bad", [{"impl": "fast"}, {"code_tile": 0}, {"pos_tile": -1}])
+def test_bad_settings_are_rejected(bad):
+    with pytest.raises(ValueError, match="impl|tile"):
+        IBQuantizer(8, 2, **bad)
+
+
+def test_no_grad_forward_gives_the_same_values():
+    # Evaluation skips what only backward needs (soft codes, c); the values must not change.
+    naive, tiled = _pair(300, 8, code_tile=64, pos_tile=5, entropy_temperature=0.1)
+    z = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.5
+    with torch.no_grad():
+        out_n, out_t = naive(z), tiled(z)
+    assert torch.equal(out_t.indices, out_n.indices) and torch.equal(out_t.z_q, out_n.z_q)
+    for name in TERMS:
+        torch.testing.assert_close(out_t.terms[name], out_n.terms[name], rtol=1e-5, atol=0, msg=name)
