@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from pipelines.checkpoint import MissingCheckpointError
 from pipelines.data import CorruptImageError, DatasetNotFoundError, ShardIntegrityError, ShardMismatchError
+from pipelines.generate import TokenizerMismatchError, UnknownClassError
 from tokenizer.perceptual import PerceptualWeightsMissing
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -18,6 +19,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PerceptualWeightsMissing,
     ShardMismatchError,
     ShardIntegrityError,
+    UnknownClassError,
+    TokenizerMismatchError,
 )
 
 F = TypeVar("F", bound=Callable)

@@ -1,0 +1,90 @@
+"""Sampling image tokens from a LlamaGPT: KV cache, classifier-free guidance, temperature, top-k, top-p.
+
+With a KV cache the class token is prefilled once and every later step feeds one token. Without it
+(``use_cache=False``) every step recomputes the whole prefix; the two give the same tokens (tested),
+so the slow path is the reference for the fast one.
+
+Classifier-free guidance runs the conditional and the null-class batch together (one doubled batch)
+and mixes logits as ``u + s * (c - u)``. ``cfg_schedule="linear"`` ramps the scale from 1 at the first
+token to ``cfg_scale`` at the last.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from generator.llama import LlamaGPT
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, schedule: str) -> float:
+    """Guidance scale for token ``step`` of ``num_steps``."""
+    if schedule == "constant":
+        return cfg_scale
+    if schedule == "linear":
+        return 1.0 + (cfg_scale - 1.0) * step / max(num_steps - 1, 1)
+    raise ValueError(f"unknown cfg_schedule {schedule!r}; choose one of {CFG_SCHEDULES}")
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set logits outside the top-k and outside the smallest nucleus of mass >= top_p to -inf (keeps >= 1)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        remove[..., 0] = False
+        logits = logits.masked_fill(torch.zeros_like(remove).scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def sample_token(logits: Tensor, temperature: float, top_k: int, top_p: float,
+                 generator: torch.Generator | None) -> Tensor:
+    """One token per row from (B, V) logits; temperature 0 means greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model: LlamaGPT, labels: Tensor, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, cfg_schedule: str = "constant", generator: torch.Generator | None = None,
+             use_cache: bool = True) -> Tensor:
+    """Sample (B, h*w) token ids for class ``labels`` (B,).
+
+    Guidance (the doubled batch) is used when ``cfg_scale != 1`` or the schedule is not constant.
+    ``generator`` seeds the draws (on the model's device); the same seed gives the same tokens with
+    and without the cache.
+    """
+    cfg_scale_at(0, 1, cfg_scale, cfg_schedule)  # validates the schedule name
+    was_training = model.training
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    labels = labels.to(device)
+    B, L = labels.shape[0], model.cfg.block_size
+    guided = cfg_scale != 1.0 or cfg_schedule != "constant"
+    run_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
+    out = torch.empty(B, L, dtype=torch.long, device=device)
+    cache = model.new_cache(run_labels.shape[0]) if use_cache else None
+
+    for t in range(L):
+        if cache is None:
+            prefix = torch.cat([out[:, :t], out[:, :1]], dim=1)  # the last column is a dummy the model ignores
+            prefix = torch.cat([prefix, prefix]) if guided else prefix
+            logits = model(prefix, run_labels)[:, t]
+        elif t == 0:
+            logits = model(None, run_labels, cache=cache, start_pos=0)[:, 0]
+        else:
+            prev = out[:, t - 1:t]
+            logits = model(torch.cat([prev, prev]) if guided else prev, run_labels, cache=cache, start_pos=t)[:, 0]
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + cfg_scale_at(t, L, cfg_scale, cfg_schedule) * (cond - uncond)
+        out[:, t] = sample_token(logits, temperature, top_k, top_p, generator)
+    model.train(was_training)
+    return out

@@ -1,0 +1,290 @@
+"""Train the class-conditional AR generator (stage two) on token shards. One script for one CPU, one GPU,
+or many under `accelerate launch`.
+
+    python -m pipelines.train_ar                                          # CPU demo: tiny model, runs/tokens_demo
+    python -m pipelines.train_ar train.max_steps=4000 resume=true
+    accelerate launch --multi_gpu --num_processes 8 -m pipelines.train_ar generator=B \
+        shards=runs/tokens_imagenet run_dir=runs/ar_B train.batch_size=96 train.epochs=300 train.lr=3e-4 \
+        train.warmup_steps=5000 train.ema_decay=null
+    # XL / XXL: shard parameters with FSDP through an accelerate config (see README, "Stage two"):
+    accelerate launch --config_file fsdp.yaml -m pipelines.train_ar generator=XXL ...
+
+The vocabulary size, token grid and classes come from the shard manifest; the saved ``config.yaml``
+records them with the tokenizer's weights hash and path, so sampling can refuse a different tokenizer.
+The run directory holds ``model.safetensors`` (EMA weights when EMA is on) + ``config.yaml``, the
+resumable ``train_state/``, ``metrics.jsonl`` and TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object, set_seed
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from generator.llama import GPTConfig, LlamaGPT
+from pipelines.checkpoint import (
+    CONFIG_FILE,
+    TRAIN_STATE_DIR,
+    capture_rng,
+    load_config,
+    load_train_state,
+    restore_rng,
+    save_config,
+    save_model,
+    save_train_state,
+)
+from pipelines.cli import user_errors_exit
+from pipelines.data import EpochBatchSampler, TokenShardDataset, make_loader, save_class_index
+from pipelines.ema import EMA
+from pipelines.run_log import RunLogger
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, final_ratio: float = 0.0) -> float:
+    """Linear warm-up over ``warmup_steps``, then linear decay to ``final_ratio`` at ``max_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(max_steps - warmup_steps, 1)
+    return 1.0 - (1.0 - final_ratio) * min(1.0, (step - warmup_steps) / span)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (linear and embedding weights) only; none on norms' gains and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def resolve_mixed_precision(name: str) -> str:
+    """``auto`` = bf16 on a GPU, full precision on CPU."""
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return name
+
+
+def model_config(cfg: DictConfig, manifest: dict[str, Any]) -> GPTConfig:
+    """The generator config with vocabulary, classes and grid taken from the shard manifest."""
+    spec = OmegaConf.to_container(cfg.generator.model, resolve=True)
+    return GPTConfig.from_dict({**spec, "vocab_size": manifest["num_codes"], "num_classes": manifest["num_classes"],
+                                "grid": list(manifest["grid"])})
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished run leaves in memory (on every process)."""
+
+    model: LlamaGPT
+    ema_model: LlamaGPT | None
+    step: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def evaluate_loss(model: LlamaGPT, dataset: TokenShardDataset, batch_size: int, device: torch.device,
+                  max_items: int | None = None) -> float:
+    """Mean next-token cross-entropy (nats) on variant 0 of the first ``max_items`` items, labels kept."""
+    was_training = model.training
+    model.eval()
+    n = len(dataset) if max_items is None else min(len(dataset), max_items)
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        tokens = torch.stack([t for t, _ in items]).to(device)
+        labels = torch.tensor([y for _, y in items], device=device)
+        logits = model(tokens, labels)
+        total += F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum").item()
+        count += tokens.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(cfg: DictConfig) -> TrainOutcome:
+    """Run (or resume) training as configured."""
+    t = cfg.train
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(t.mixed_precision),
+                              gradient_accumulation_steps=t.grad_accum, cpu=t.cpu)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    set_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+
+    # A resumed run must keep reading tokens of the tokenizer it started with.
+    recorded_hash = None
+    if cfg.resume and (run_dir / CONFIG_FILE).exists():
+        recorded_hash = load_config(run_dir).get("tokenizer_hash")
+    train_set = TokenShardDataset(cfg.shards, variant=cfg.data.variant, seed=cfg.seed, verify=cfg.data.verify,
+                                  expect_tokenizer_hash=recorded_hash)
+    manifest = train_set.manifest
+    gpt_cfg = model_config(cfg, manifest)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["generator"]["model"] = gpt_cfg.to_dict()
+    config |= {"tokenizer_hash": manifest["tokenizer_hash"], "tokenizer_dir": manifest.get("tokenizer_path"),
+               "classes": list(manifest["classes"]), "shards": str(cfg.shards)}
+    config["train"]["mixed_precision"] = accelerator.mixed_precision
+
+    if fsdp and t.ema_decay:
+        raise ValueError("train.ema_decay with FSDP is not supported (the EMA would hold a full copy per process); "
+                         "set train.ema_decay=null")
+    model = LlamaGPT(gpt_cfg)
+    raw_model = model
+    ema = EMA(model, t.ema_decay) if t.ema_decay else None
+    if ema is not None:
+        ema.model.to(accelerator.device)
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                                  fused=torch.cuda.is_available() and not t.cpu)
+
+    sampler = EpochBatchSampler(len(train_set), t.batch_size, accelerator.process_index,
+                                accelerator.num_processes, seed=cfg.seed)
+    loader = make_loader(train_set, sampler, cfg.data.num_workers)
+    # Each new DataLoader iterator draws a seed; from its own generator, not the global RNG that dropout and
+    # label dropout use, or a resumed run (which starts a fresh iterator mid-epoch) would drift by one draw.
+    loader.generator = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = len(sampler) // t.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"one epoch ({len(sampler)} batches) is shorter than grad_accum={t.grad_accum}")
+    max_steps = int(t.epochs * steps_per_epoch) if t.epochs else int(t.max_steps)
+    end_step = min(max_steps, t.stop_at_step) if t.stop_at_step else max_steps  # the schedule still uses max_steps
+
+    def set_lr(step: int) -> float:
+        """The lr is a pure function of the step, so resuming needs no scheduler state."""
+        lr = t.lr * lr_factor(step, t.warmup_steps, max_steps, t.final_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    if t.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    state = load_train_state(run_dir) if cfg.resume and not fsdp else None
+    if state is not None:
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        restore_rng(state["rng"][accelerator.process_index])
+    elif cfg.resume and fsdp and (run_dir / TRAIN_STATE_DIR / "fsdp").exists():
+        accelerator.load_state(str(run_dir / TRAIN_STATE_DIR / "fsdp"))
+        step, epoch, batch_in_epoch = json.loads((run_dir / TRAIN_STATE_DIR / "fsdp_step.json").read_text())
+    elif cfg.resume and accelerator.is_main_process:
+        print(f"resume=true but {run_dir}/{TRAIN_STATE_DIR} does not exist yet: starting from scratch")
+
+    val_set = None
+    if cfg.val_shards:
+        val_set = TokenShardDataset(cfg.val_shards, variant="center", verify=cfg.data.verify,
+                                    expect_tokenizer_hash=manifest["tokenizer_hash"])
+
+    logger = RunLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard)
+    tokens_per_step = t.batch_size * t.grad_accum * accelerator.num_processes * gpt_cfg.block_size
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir)
+        save_class_index(manifest["classes"], run_dir / "class_index.json")
+        print(f"generator {cfg.generator.name}: {raw_model.num_params() / 1e6:.2f}M params "
+              f"({gpt_cfg.n_layer} layers, width {gpt_cfg.dim}) | {len(train_set)} images x "
+              f"{len(train_set.variants)} variants, {gpt_cfg.grid[0]}x{gpt_cfg.grid[1]} tokens of "
+              f"{gpt_cfg.vocab_size} codes, {gpt_cfg.num_classes} classes | {steps_per_epoch} steps/epoch | "
+              f"{max_steps} steps | {accelerator.num_processes} process(es) on {accelerator.device}, "
+              f"{accelerator.mixed_precision} precision | tokenizer {manifest['tokenizer_hash']} | run dir {run_dir}")
+
+    def checkpoint() -> None:
+        if ema is not None:
+            weights = ema.state_dict()
+        else:  # FSDP gathers the full weights on every process; otherwise the plain module has them
+            weights = accelerator.get_state_dict(model) if fsdp else raw_model.state_dict()
+        if fsdp:
+            accelerator.save_state(str(run_dir / TRAIN_STATE_DIR / "fsdp"))
+        rng = gather_object([capture_rng()])
+        if accelerator.is_main_process:
+            if fsdp:
+                (run_dir / TRAIN_STATE_DIR / "fsdp_step.json").write_text(json.dumps([step, epoch, batch_in_epoch]))
+            else:
+                save_train_state(run_dir, {
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng})
+            save_model(run_dir, weights, config)
+        accelerator.wait_for_everyone()
+
+    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+    metrics: dict[str, Any] = {}
+    progress = tqdm(total=end_step, initial=step, disable=not accelerator.is_main_process,
+                    desc="train ar", dynamic_ncols=True)
+    model.train()
+    while step < end_step:
+        sampler.set_epoch(epoch, skip_batches=batch_in_epoch * t.grad_accum)
+        for tokens, labels in loader:
+            tokens = tokens.to(accelerator.device, non_blocking=True)
+            labels = labels.to(accelerator.device, non_blocking=True)
+            current_lr = set_lr(step)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    logits = model(tokens, labels)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss += loss.detach().float().item()
+            window_n += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            step += 1
+            batch_in_epoch += 1
+            epoch_done = batch_in_epoch == steps_per_epoch
+            if epoch_done:
+                epoch, batch_in_epoch = epoch + 1, 0
+            if ema is not None:
+                ema.update(raw_model)
+            progress.update(1)
+
+            if step % cfg.log_every == 0 or step == end_step:
+                mean_loss = accelerator.reduce(torch.tensor(window_loss / window_n, device=accelerator.device),
+                                               "mean").item()
+                seconds = time.perf_counter() - window_t0
+                steps_in_window = window_n // t.grad_accum
+                metrics = {"loss": mean_loss, "lr": current_lr, "epoch": epoch,
+                           "tokens_per_s": tokens_per_step * steps_in_window / max(seconds, 1e-9)}
+                logger.log(step, metrics)
+                progress.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                     lr=f"{current_lr:.2e}")
+                window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+            if step % cfg.ckpt_every == 0 or step == end_step:
+                if val_set is not None and accelerator.is_main_process:
+                    eval_model = ema.model if ema is not None else raw_model
+                    metrics["val_loss"] = evaluate_loss(eval_model, val_set, t.batch_size, accelerator.device,
+                                                        cfg.val_max_items)
+                    logger.log(step, {"val_loss": metrics["val_loss"]})
+                checkpoint()
+            if step >= end_step or epoch_done:
+                break
+    progress.close()
+    if accelerator.is_main_process:
+        print(f"checkpoint: {run_dir}/model.safetensors + config.yaml (tokenizer {manifest['tokenizer_hash']}); "
+              f"sample with: python tools/sample.py ckpt={run_dir} class=0")
+    logger.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainOutcome(raw_model, ema.model if ema is not None else None, step, metrics)
+
+
+@hydra.main(config_path="../conf", config_name="train_ar", version_base=None)
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

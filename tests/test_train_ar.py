@@ -1,0 +1,225 @@
+"""Stage-two training on token shards: learning, checkpoint contents, exact resume, two processes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.checkpoint import load_config, load_train_state, save_model, weights_hash
+from pipelines.data import ShardMismatchError
+from pipelines.extract_tokens import extract
+from pipelines.generate import load_generator
+from pipelines.train_ar import lr_factor, train
+from tests.conftest import ROOT, TINY_TOKENIZER, compose_config
+from tokenizer.model import IBQTokenizer, TokenizerConfig
+
+TINY_GENERATOR = [
+    "generator.model.dim=32",
+    "generator.model.n_layer=2",
+    "generator.model.n_head=2",
+    "generator.model.ffn_multiple_of=16",
+    "train.batch_size=8",
+    "train.warmup_steps=5",
+    "train.lr=3e-3",
+    "train.cpu=true",
+    "data.num_workers=0",
+    "tensorboard=false",
+    "log_every=5",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(demo_root, tmp_path_factory) -> Path:
+    """An untrained tiny tokenizer checkpoint (32 px -> 8x8 tokens, 64 codes): its tokens still follow the images."""
+    cfg = compose_config("train_tokenizer", [f"data.root={demo_root}", *TINY_TOKENIZER])
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(0)
+    model = IBQTokenizer(TokenizerConfig.from_dict(config["tokenizer"]["model"]))
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    save_model(out, model.state_dict(), config)
+    return out
+
+
+@pytest.fixture(scope="session")
+def token_shards(demo_root, tiny_tokenizer, tmp_path_factory) -> Path:
+    """Token shards of the tiny demo set (60 images x {centre, flip}) made by the real extractor."""
+    out = tmp_path_factory.mktemp("shards") / "tokens"
+    extract(compose_config("extract_tokens", [f"tokenizer_ckpt={tiny_tokenizer}", f"data.root={demo_root}",
+                                              f"out_dir={out}", "data.num_workers=0", "cpu=true", "shard_size=25",
+                                              "batch_size=16"]))
+    return out
+
+
+def ar_cfg(shards: Path, run_dir: Path, extra: list[str] = ()):
+    return compose_config("train_ar", [f"shards={shards}", f"run_dir={run_dir}", *TINY_GENERATOR, *extra])
+
+
+def test_lr_warmup_then_linear_decay():
+    assert lr_factor(0, 4, 20) == 0.25 and lr_factor(3, 4, 20) == 1.0
+    assert lr_factor(12, 4, 20) == pytest.approx(0.5) and lr_factor(20, 4, 20) == 0.0
+    assert lr_factor(20, 0, 20, final_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_training_reduces_loss_and_records_the_tokenizer(token_shards, tiny_tokenizer, tmp_path):
+    run_dir = tmp_path / "run"
+    out = train(ar_cfg(token_shards, run_dir, ["train.max_steps=60", "ckpt_every=30",
+                                               f"val_shards={token_shards}"]))
+    logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logs if "loss" in r]
+    assert len(losses) == 12 and losses[0] > 3.5  # ln(64) = 4.16 at the start (zero-initialised head)
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in logs if "loss" in r)
+    assert [r["step"] for r in logs if "val_loss" in r] == [30, 60]
+
+    config = load_config(run_dir)
+    manifest = json.loads((token_shards / "manifest.json").read_text())
+    assert config["tokenizer_hash"] == manifest["tokenizer_hash"] == weights_hash(tiny_tokenizer)
+    assert config["tokenizer_dir"] == str(tiny_tokenizer)
+    assert config["generator"]["model"]["vocab_size"] == 64 and config["generator"]["model"]["grid"] == [8, 8]
+    assert config["generator"]["model"]["num_classes"] == 10 and len(config["classes"]) == 10
+    assert json.loads((run_dir / "class_index.json").read_text())[config["classes"][3]] == 3
+
+    loaded, loaded_config = load_generator(run_dir, "cpu")  # safetensors + config only
+    tokens, labels = torch.randint(0, 64, (3, 64)), torch.tensor([0, 5, 9])
+    out.model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, labels), out.model(tokens, labels))
+    assert loaded_config["tokenizer_hash"] == config["tokenizer_hash"]
+
+
+def _all_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    s = load_train_state(run_dir)
+    flat = {f"model.{k}": v for k, v in s["model"].items()} | {f"ema.{k}": v for k, v in s["ema"].items()}
+    for pid, st in s["optimizer"]["state"].items():
+        flat |= {f"opt.{pid}.{k}": torch.as_tensor(v) for k, v in st.items()}
+    return flat
+
+
+def test_resume_equals_uninterrupted_run(token_shards, tmp_path):
+    # 7 batches of 8 per epoch (60 images): 12 steps cross an epoch boundary; dropout and label dropout
+    # draw random numbers, so the RNG state must be restored too.
+    common = ["ckpt_every=100", "train.ema_decay=0.9", "generator.model.resid_dropout=0.1",
+              "generator.model.class_dropout=0.5", "train.grad_accum=1"]
+    train(ar_cfg(token_shards, tmp_path / "full", [*common, "train.max_steps=12"]))
+    # stop_at_step pauses the run without changing the lr schedule (which decays over max_steps).
+    train(ar_cfg(token_shards, tmp_path / "split", [*common, "train.max_steps=12", "train.stop_at_step=5"]))
+    assert load_train_state(tmp_path / "split")["step"] == 5
+    train(ar_cfg(token_shards, tmp_path / "split", [*common, "train.max_steps=12", "resume=true"]))
+    full, split = _all_state(tmp_path / "full"), _all_state(tmp_path / "split")
+    assert full.keys() == split.keys()
+    different = [k for k in full if not torch.equal(full[k], split[k])]
+    assert not different, different[:5]
+
+
+def test_resume_refuses_shards_of_another_tokenizer(token_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    train(ar_cfg(token_shards, run_dir, ["train.max_steps=2"]))
+    text = (run_dir / "config.yaml").read_text()
+    recorded = load_config(run_dir)["tokenizer_hash"]
+    (run_dir / "config.yaml").write_text(text.replace(recorded, "0123456789abcdef"))
+    with pytest.raises(ShardMismatchError, match="0123456789abcdef"):
+        train(ar_cfg(token_shards, run_dir, ["train.max_steps=4", "resume=true"]))
+
+
+@pytest.mark.slow
+def test_two_processes_stay_in_step(token_shards, tmp_path):
+    run_dir, dump = tmp_path / "run", tmp_path / "dump"
+    overrides = [f"shards={token_shards}", f"run_dir={run_dir}", *TINY_GENERATOR, "train.max_steps=3",
+                 "log_every=1", "train.ema_decay=0.9", "generator.model.class_dropout=0.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_DIR": str(dump)}
+    # `accelerate launch --cpu` starts a single process (its simple launcher); `--multi_gpu` uses torchrun,
+    # which with train.cpu=true gives two CPU processes under DDP (gloo).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "29527", str(ROOT / "tests" / "dist_train_ar_check.py"), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(dump / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    for part in ("model", "ema"):
+        for k in ranks[0][part]:
+            assert torch.equal(ranks[0][part][k], ranks[1][part][k]), (part, k)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert load_train_state(run_dir)["step"] == 3 and not list(run_dir.rglob("*.tmp"))
+
+
+def test_missing_shards_is_one_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipelines.train_ar", f"shards={tmp_path / 'none'}",
+                           f"run_dir={tmp_path / 'r'}", "train.cpu=true"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith("error: no token shards at") and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ sampling tool
+
+@pytest.fixture(scope="module")
+def trained_run(token_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ar") / "run"
+    train(ar_cfg(token_shards, run_dir, ["train.max_steps=30", "ckpt_every=30"]))
+    return run_dir
+
+
+def test_sample_tool_writes_grid_pngs_and_adm_npz(trained_run, tmp_path, capsys):
+    from PIL import Image
+
+    from tools.sample import sample
+
+    args = [f"demo_ckpt={trained_run}", "class=[0,3]", "n=3", "save_npz=true", f"out={tmp_path / 's'}",
+            "batch_size=4", "cfg=1.5", "seed=5"]
+    result = sample(compose_config("sample", args))
+    printed = capsys.readouterr().out
+    assert f"no ckpt= given: using the demo run {trained_run}" in printed and "grid.png" in printed
+    out = tmp_path / "s"
+    assert result["classes"] == [0, 3] and result["cfg_scale"] == 1.5 and result["temperature"] == 1.0
+    pngs = sorted((out / "images").glob("*.png"))
+    assert len(pngs) == 6 and pngs[0].name.startswith("0000_") and pngs[-1].name.startswith("0003_")
+    with np.load(out / "samples.npz") as npz:
+        arr, labels = npz["arr_0"], npz["labels"]
+    assert arr.shape == (6, 32, 32, 3) and arr.dtype == np.uint8 and labels.tolist() == [0, 0, 0, 3, 3, 3]
+    assert np.array_equal(np.asarray(Image.open(pngs[0])), arr[0])
+    assert Image.open(out / "grid.png").size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns x 2 rows, 2 px padding
+    assert not list(out.glob(".*.npy"))
+    # Same seed, same samples.
+    sample(compose_config("sample", [*args[1:], f"ckpt={trained_run}", f"out={tmp_path / 't'}", "save_png=false"]))
+    with np.load(tmp_path / "t" / "samples.npz") as npz:
+        assert np.array_equal(npz["arr_0"], arr)
+
+
+def test_class_names_and_unknown_classes(trained_run):
+    from pipelines.generate import UnknownClassError, resolve_classes
+
+    config = load_config(trained_run)
+    names = config["classes"]
+    assert resolve_classes(7, config) == [7] and resolve_classes([names[2], 4], config) == [2, 4]
+    assert resolve_classes("all", config) == list(range(10))
+    with pytest.raises(UnknownClassError, match="unknown class id 10"):
+        resolve_classes([1, 10], config)
+    with pytest.raises(UnknownClassError, match="unknown class 'zebra'"):
+        resolve_classes("zebra", config)
+    proc = subprocess.run([sys.executable, "tools/sample.py", f"ckpt={trained_run}", "class=207"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: unknown class id 207; the generator was trained on classes 0..9")
+
+
+def test_sampling_refuses_a_different_tokenizer(trained_run, tiny_tokenizer, tmp_path):
+    from pipelines.checkpoint import load_model
+    from pipelines.generate import TokenizerMismatchError, load_pipeline
+
+    state, config = load_model(tiny_tokenizer)
+    state = {k: v + 0.01 if k.endswith("embedding.weight") else v for k, v in state.items()}
+    save_model(tmp_path / "other", state, config)
+    model, tokenizer, _ = load_pipeline(trained_run)  # the recorded tokenizer is accepted
+    assert tokenizer.cfg.num_codes == model.cfg.vocab_size
+    with pytest.raises(TokenizerMismatchError, match=weights_hash(tmp_path / "other")):
+        load_pipeline(trained_run, tmp_path / "other")
