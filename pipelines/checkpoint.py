@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from tokenizer.model import IBQTokenizer, TokenizerConfig
 
 MODEL_FILE, CONFIG_FILE, TRAIN_STATE_DIR = "model.safetensors", "config.yaml", "train_state"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class MissingCheckpointError(FileNotFoundError):
@@ -36,6 +38,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
