@@ -8,9 +8,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/demo
 ARGS ?=
-# The demo budget on a 2-core CPU (see README): tokenizer and AR steps.
-DEMO_TOKENIZER_STEPS ?= 1000
-DEMO_AR_STEPS ?= 1200
 
 .PHONY: help install demo demo-data train-tokenizer tokenize train-ar sample fid reconstruct \
 	bench test lint clean-demo
@@ -59,17 +56,18 @@ sample: $(STAMP)
 fid: $(STAMP)
 	$(PY) tools/fid.py $(ARGS)
 
-demo: demo-data
-	$(PY) -m pipelines.train_tokenizer data.root=$(DEMO_DATA) run_dir=runs/tokenizer_demo \
-		train.max_steps=$(DEMO_TOKENIZER_STEPS)
+# The demo recipe (steps, sizes) lives in the configs' defaults; a re-run starts the demo runs afresh.
+demo: demo-data clean-demo
+	$(PY) -m pipelines.train_tokenizer data.root=$(DEMO_DATA) run_dir=runs/tokenizer_demo
 	$(PY) tools/reconstruct.py ckpt=runs/tokenizer_demo input=$(DEMO_DATA)/val out=runs/tokenizer_demo/reconstruct \
 		max_images=16
 	$(PY) -m pipelines.extract_tokens tokenizer_ckpt=runs/tokenizer_demo data.root=$(DEMO_DATA) \
 		out_dir=runs/tokens_demo overwrite=true
-	$(PY) -m pipelines.train_ar shards=runs/tokens_demo run_dir=runs/ar_demo train.max_steps=$(DEMO_AR_STEPS)
+	$(PY) -m pipelines.train_ar shards=runs/tokens_demo run_dir=runs/ar_demo
 	$(PY) tools/sample.py ckpt=runs/ar_demo class=all n=8
 	$(PY) tools/fid.py prepare_weights=true
-	$(PY) tools/fid.py mode=demo tokenizer=runs/tokenizer_demo ar=runs/ar_demo demo_data=$(DEMO_DATA) data=$(DEMO_DATA)
+	$(PY) tools/fid.py mode=demo tokenizer=runs/tokenizer_demo ar=runs/ar_demo demo_data=$(DEMO_DATA) \
+		data=$(DEMO_DATA) max_images=200 per_class=20
 	@echo "demo done: runs/tokenizer_demo (tokenizer), runs/tokens_demo (shards), runs/ar_demo (generator, samples/)"
 
 bench: $(STAMP)
