@@ -80,6 +80,17 @@ def load_rgb(path: str) -> Image.Image:
         raise CorruptImageError(f"cannot decode image {path}: {err}") from err
 
 
+def load_rgb_or_skip(path: str, on_corrupt: str) -> Image.Image | None:
+    """``load_rgb``, except that with ``on_corrupt='skip'`` a corrupt file warns (naming it) and gives None."""
+    try:
+        return load_rgb(path)
+    except CorruptImageError as err:
+        if on_corrupt == "error":
+            raise
+        warnings.warn(f"skipping corrupt image {path} ({err.__cause__})", stacklevel=3)
+        return None
+
+
 def resize_and_crop(img: Image.Image, resolution: int, generator: torch.Generator | None) -> Tensor:
     """Shorter side -> ``resolution``, then a crop (random when a generator is given, else centre)
     and, when random, a horizontal flip with probability 1/2. Returns (3, R, R) in [-1, 1]."""
@@ -117,12 +128,8 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int] | None:
         index, epoch = (key, None) if isinstance(key, int) else key
         path, label = self.samples[index]
-        try:
-            img = load_rgb(path)
-        except CorruptImageError as err:
-            if self.on_corrupt == "error":
-                raise
-            warnings.warn(f"skipping corrupt image {path} ({err.__cause__})", stacklevel=2)
+        img = load_rgb_or_skip(path, self.on_corrupt)
+        if img is None:
             return None
         gen = None
         if epoch is not None:

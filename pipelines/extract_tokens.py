@@ -42,7 +42,6 @@ import hashlib
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +61,9 @@ from pipelines.cli import user_errors_exit
 from pipelines.data import (
     MANIFEST_FILE,
     TOKEN_SHARD_FORMAT,
-    CorruptImageError,
     ShardMismatchError,
     file_sha256,
-    load_rgb,
+    load_rgb_or_skip,
     scan_image_folder,
     token_variant_names,
     token_views,
@@ -98,12 +96,8 @@ class _ViewDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor | None, int, int]:
         path, label = self.samples[i]
-        try:
-            img = load_rgb(path)
-        except CorruptImageError as err:
-            if self.on_corrupt == "error":
-                raise
-            warnings.warn(f"skipping corrupt image {path} ({err.__cause__})", stacklevel=2)
+        img = load_rgb_or_skip(path, self.on_corrupt)
+        if img is None:
             return None, label, i
         return token_views(img, self.resolution, self.flip, self.ten_crop, self.scale), label, i
 
