@@ -18,6 +18,7 @@ help:
 	@echo "make train-tokenizer  - train a tokenizer (Hydra overrides via ARGS='key=value ...')"
 	@echo "make tokenize         - tokenize an image dataset into token shards (ARGS='key=value ...')"
 	@echo "make train-ar         - train the AR generator on token shards (ARGS='key=value ...')"
+	@echo "make reconstruct      - reconstruct images with a tokenizer (ARGS='ckpt=... input=... out=...')"
 	@echo "make sample           - sample images (ARGS='class=3 n=16 ...'; default: every demo class)"
 	@echo "make fid              - evaluate (ARGS='mode=recon tokenizer=... data=...' etc., see conf/eval/fid.yaml)"
 	@echo "make bench            - speed/memory benchmarks (quantizer, extraction, sampling)"
@@ -52,6 +53,9 @@ train-ar: $(STAMP)
 
 sample: $(STAMP)
 	$(PY) tools/sample.py class=all $(ARGS)
+
+reconstruct: $(STAMP)
+	$(PY) tools/reconstruct.py $(ARGS)
 
 fid: $(STAMP)
 	$(PY) tools/fid.py $(ARGS)
