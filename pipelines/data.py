@@ -324,10 +324,16 @@ class TokenShardDataset(Dataset):
         if size != expected_size or size != entry.get("bytes", size):
             raise ShardIntegrityError(f"token shard {path} is truncated or altered: {size} bytes, "
                                       f"expected {entry.get('bytes', expected_size)}")
-        shape = (entry["count"], len(self.manifest["variants"]), *self.manifest["grid"])
-        if "tokens" not in layout or layout["tokens"][1] != shape:
-            raise ShardIntegrityError(f"token shard {path} holds tokens of shape "
-                                      f"{layout.get('tokens', (None, None))[1]}, the manifest says {shape}")
+        count = entry["count"]
+        expected = {"tokens": (np.dtype(self.manifest["dtype"]), (count, len(self.manifest["variants"]),
+                                                                   *self.manifest["grid"])),
+                    "labels": (None, (count,)), "indices": (None, (count,))}
+        for name, (dtype, shape) in expected.items():
+            found = layout.get(name)
+            if found is None or found[1] != shape or (dtype is not None and found[0] != dtype):
+                raise ShardIntegrityError(f"token shard {path} holds {name} as "
+                                          f"{(None, None) if found is None else found[:2]}, the manifest says "
+                                          f"{(dtype, shape)}")
         if verify and (found := file_sha256(path)) != entry["sha256"]:
             raise ShardIntegrityError(f"token shard {path} fails its checksum (sha256 {found[:16]}..., manifest "
                                       f"{entry['sha256'][:16]}...): the file was altered or damaged; re-run "

@@ -130,11 +130,18 @@ def train(cfg: DictConfig) -> TrainOutcome:
                "classes": list(manifest["classes"]), "shards": str(cfg.shards)}
     config["train"]["mixed_precision"] = accelerator.mixed_precision
 
+    if fsdp and cfg.val_shards:
+        raise ValueError("val_shards with FSDP is not supported yet (validation runs on the main process only); "
+                         "set val_shards=null")
     if fsdp and t.ema_decay:
         raise ValueError("train.ema_decay with FSDP is not supported (the EMA would hold a full copy per process); "
                          "set train.ema_decay=null")
     model = LlamaGPT(gpt_cfg)
     raw_model = model
+    n_params = model.num_params()  # before any FSDP sharding
+    # Same initial weights everywhere (seeded above); from here each process draws its own dropout and
+    # label-dropout masks, as LlamaGen does (seed + rank). Resume restores each process's RNG state.
+    set_seed(cfg.seed + accelerator.process_index)
     ema = EMA(model, t.ema_decay) if t.ema_decay else None
     if ema is not None:
         ema.model.to(accelerator.device)
@@ -172,6 +179,9 @@ def train(cfg: DictConfig) -> TrainOutcome:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if len(state["rng"]) != accelerator.num_processes:
+            raise ValueError(f"{run_dir}/{TRAIN_STATE_DIR} was saved by {len(state['rng'])} process(es); resume it "
+                             f"with the same number (got {accelerator.num_processes}) to continue exactly")
         restore_rng(state["rng"][accelerator.process_index])
     elif cfg.resume and fsdp and (run_dir / TRAIN_STATE_DIR / "fsdp").exists():
         accelerator.load_state(str(run_dir / TRAIN_STATE_DIR / "fsdp"))
@@ -190,7 +200,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir)
         save_class_index(manifest["classes"], run_dir / "class_index.json")
-        print(f"generator {cfg.generator.name}: {raw_model.num_params() / 1e6:.2f}M params "
+        print(f"generator {cfg.generator.name}: {n_params / 1e6:.2f}M params "
               f"({gpt_cfg.n_layer} layers, width {gpt_cfg.dim}) | {len(train_set)} images x "
               f"{len(train_set.variants)} variants, {gpt_cfg.grid[0]}x{gpt_cfg.grid[1]} tokens of "
               f"{gpt_cfg.vocab_size} codes, {gpt_cfg.num_classes} classes | {steps_per_epoch} steps/epoch | "

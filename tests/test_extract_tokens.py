@@ -160,6 +160,22 @@ def test_altered_or_truncated_shard_is_named(shards, tok, demo_root, tmp_path):
     assert result["stats"]["shards_written"] == 2 and files(out) == files(shards)
 
 
+def test_manifest_layout_disagreement_is_named(shards, tmp_path):
+    """A shard whose arrays disagree with the manifest (dtype or length) is refused even without hashing."""
+    out = tmp_path / "tokens"
+    shutil.copytree(shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["dtype"] = "int32"  # the shards hold uint16
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardIntegrityError, match="shard_00000.safetensors holds tokens as"):
+        TokenShardDataset(out, verify=False)
+    manifest["dtype"] = "uint16"
+    manifest["shards"][1]["count"] += 1  # labels / tokens of shard 1 are now one short of the manifest
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardIntegrityError, match="shard_00001.safetensors holds tokens"):
+        TokenShardDataset(out, verify=False)
+
+
 def test_mismatched_tokenizer_is_refused_naming_both_values(shards, tok, demo_root, tmp_path):
     with pytest.raises(ShardMismatchError, match="num_codes is 64 in the shards .* but 16384 is expected"):
         TokenShardDataset(shards, expect_num_codes=16384)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.checkpoint import load_config, load_train_state, save_model, weights_hash
+from pipelines.checkpoint import load_config, load_train_state, save_model, save_train_state, weights_hash
 from pipelines.data import ShardMismatchError
 from pipelines.extract_tokens import extract
 from pipelines.generate import load_generator
@@ -127,6 +127,16 @@ def test_resume_refuses_shards_of_another_tokenizer(token_shards, tmp_path):
     recorded = load_config(run_dir)["tokenizer_hash"]
     (run_dir / "config.yaml").write_text(text.replace(recorded, "0123456789abcdef"))
     with pytest.raises(ShardMismatchError, match="0123456789abcdef"):
+        train(ar_cfg(token_shards, run_dir, ["train.max_steps=4", "resume=true"]))
+
+
+def test_resume_with_another_process_count_is_refused(token_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    train(ar_cfg(token_shards, run_dir, ["train.max_steps=2"]))
+    state = load_train_state(run_dir)
+    state["rng"] = state["rng"] * 2  # as if two processes had saved it
+    save_train_state(run_dir, state)
+    with pytest.raises(ValueError, match=r"saved by 2 process\(es\); resume it with the same number \(got 1\)"):
         train(ar_cfg(token_shards, run_dir, ["train.max_steps=4", "resume=true"]))
 
 
