@@ -226,7 +226,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
             save_model(run_dir, weights, config)
         accelerator.wait_for_everyone()
 
-    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+    window_loss, window_n, window_t0 = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
     metrics: dict[str, Any] = {}
     progress = tqdm(total=end_step, initial=step, disable=not accelerator.is_main_process,
                     desc="train ar", dynamic_ncols=True)
@@ -246,7 +246,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
                     accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach().float().item()
+            window_loss += loss.detach().float()  # on device: no host sync per step
             window_n += 1
             if not accelerator.sync_gradients:
                 continue
@@ -261,7 +261,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
             progress.update(1)
 
             if step % cfg.log_every == 0 or step == end_step:
-                mean_loss = accelerator.reduce(torch.tensor(window_loss / window_n, device=accelerator.device),
+                mean_loss = accelerator.reduce(window_loss / window_n,
                                                "mean").item()
                 seconds = time.perf_counter() - window_t0
                 steps_in_window = window_n // t.grad_accum
@@ -270,7 +270,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
                 logger.log(step, metrics)
                 progress.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                                      lr=f"{current_lr:.2e}")
-                window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+                window_loss, window_n, window_t0 = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
             if step % cfg.ckpt_every == 0 or step == end_step:
                 if val_set is not None and accelerator.is_main_process:
                     eval_model = ema.model if ema is not None else raw_model

@@ -50,8 +50,11 @@ def lr_factor(step: int, warmup_steps: int, milestones_steps: list[int], decay: 
     return warm * decay ** sum(step >= m for m in milestones_steps)
 
 
-def _scalar_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {k: float(v.detach()) for k, v in terms.items()}
+def _accumulate(window: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> None:
+    """Sum detached terms on their device: no host sync per step (``.item()`` only when logging)."""
+    for k, v in terms.items():
+        v = v.detach().float()
+        window[k] = window[k] + v if k in window else v
 
 
 @dataclass
@@ -163,7 +166,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
 
     num_codes = model_cfg.num_codes
     window_counts = torch.zeros(num_codes, device=accelerator.device)
-    window_terms: dict[str, float] = {}
+    window_terms: dict[str, torch.Tensor] = {}
     window_n = 0
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="train tokenizer", dynamic_ncols=True)
@@ -206,8 +209,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
                 terms.update(ae_terms)
 
             window_counts += torch.bincount(q.indices.reshape(-1), minlength=num_codes)
-            for k, v in _scalar_terms({**terms, **q.stats}).items():
-                window_terms[k] = window_terms.get(k, 0.0) + v
+            _accumulate(window_terms, {**terms, **q.stats})
             window_n += 1
             if not accelerator.sync_gradients:
                 continue
@@ -224,7 +226,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
                 counts = accelerator.reduce(window_counts, "sum")
                 names = sorted(window_terms)
                 means = accelerator.reduce(
-                    torch.tensor([window_terms[k] / window_n for k in names], device=accelerator.device), "mean")
+                    torch.stack([window_terms[k] / window_n for k in names]).to(accelerator.device), "mean")
                 avg = dict(zip(names, means.tolist(), strict=True))
                 avg["utilisation_window"] = float((counts > 0).float().mean())
                 avg["lr"] = current_lr

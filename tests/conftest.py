@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,25 @@ def tokenizer_cfg(demo_root, tmp_path):
                                                   *TINY_TOKENIZER, *extra])
 
     return make
+
+
+def launch_two_processes(pipeline: str, overrides: list[str], dump: Path, port: int) -> list[dict]:
+    """Train with ``pipelines.<pipeline>`` in two CPU processes (DDP over gloo); each rank's final weights.
+
+    `accelerate launch --cpu` starts a single process (its simple launcher); `--multi_gpu` uses torchrun,
+    which with train.cpu=true gives two CPU processes.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_DIR": str(dump)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(port), str(ROOT / "tests" / "dist_train_check.py"), pipeline, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(dump / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    return ranks
+
+
+def assert_same_weights(ranks: list[dict], parts: tuple[str, ...]) -> None:
+    for part in parts:
+        for k in ranks[0][part]:
+            assert torch.equal(ranks[0][part][k], ranks[1][part][k]), (part, k)

@@ -1,5 +1,10 @@
-"""Run under `accelerate launch`: train, then each process dumps its final weights for comparison."""
+"""Run under `accelerate launch`: train with one of the training pipelines, then each process dumps its
+final weights for comparison.
 
+    accelerate launch ... tests/dist_train_check.py <train_tokenizer|train_ar> key=value ...
+"""
+
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -10,14 +15,15 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.train_tokenizer import train  # noqa: E402
-
+pipeline = sys.argv[1]
+train = importlib.import_module(f"pipelines.{pipeline}").train
 with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-    cfg = compose(config_name="train_tokenizer", overrides=sys.argv[1:])
+    cfg = compose(config_name=pipeline, overrides=sys.argv[2:])
 torch.set_num_threads(1)
 out = train(cfg)
 dump = Path(os.environ["DUMP_DIR"])
 dump.mkdir(parents=True, exist_ok=True)
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-torch.save({"world": world, "model": out.model.state_dict(), "ema": out.ema_model.state_dict(),
-            "disc": out.discriminator.state_dict()}, dump / f"rank{rank}.pt")
+modules = {"model": out.model, "ema": out.ema_model, "disc": getattr(out, "discriminator", None)}
+torch.save({"world": world, **{k: m.state_dict() for k, m in modules.items() if m is not None}},
+           dump / f"rank{rank}.pt")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pipelines.data import ShardMismatchError
 from pipelines.extract_tokens import extract
 from pipelines.generate import load_generator
 from pipelines.train_ar import lr_factor, train
-from tests.conftest import ROOT, TINY_TOKENIZER, compose_config
+from tests.conftest import ROOT, TINY_TOKENIZER, assert_same_weights, compose_config, launch_two_processes
 from tokenizer.model import IBQTokenizer, TokenizerConfig
 
 TINY_GENERATOR = [
@@ -145,18 +144,8 @@ def test_two_processes_stay_in_step(token_shards, tmp_path):
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     overrides = [f"shards={token_shards}", f"run_dir={run_dir}", *TINY_GENERATOR, "train.max_steps=3",
                  "log_every=1", "train.ema_decay=0.9", "generator.model.class_dropout=0.5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_DIR": str(dump)}
-    # `accelerate launch --cpu` starts a single process (its simple launcher); `--multi_gpu` uses torchrun,
-    # which with train.cpu=true gives two CPU processes under DDP (gloo).
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "29527", str(ROOT / "tests" / "dist_train_ar_check.py"), *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(dump / f"rank{r}.pt") for r in range(2)]
-    assert ranks[0]["world"] == ranks[1]["world"] == 2
-    for part in ("model", "ema"):
-        for k in ranks[0][part]:
-            assert torch.equal(ranks[0][part][k], ranks[1][part][k]), (part, k)
+    ranks = launch_two_processes("train_ar", overrides, dump, port=29527)
+    assert_same_weights(ranks, ("model", "ema"))
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     assert load_train_state(run_dir)["step"] == 3 and not list(run_dir.rglob("*.tmp"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 
 from pipelines.checkpoint import MissingCheckpointError, load_tokenizer, load_train_state
 from pipelines.train_tokenizer import lr_factor, train
-from tests.conftest import ROOT, TINY_TOKENIZER, compose_config
+from tests.conftest import ROOT, TINY_TOKENIZER, assert_same_weights, compose_config, launch_two_processes
 from tokenizer.model import IBQTokenizer, TokenizerConfig
 
 
@@ -91,16 +90,8 @@ def test_two_processes_stay_in_step_and_only_main_writes(demo_root, tmp_path):
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     overrides = [f"data.root={demo_root}", f"run_dir={run_dir}", *TINY_TOKENIZER, "train.max_steps=2",
                  "log_every=1", "tensorboard=true", "tokenizer.loss.disc_start=0", "eval_at_end=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DUMP_DIR": str(dump)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "29517", str(ROOT / "tests" / "dist_train_check.py"), *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(dump / f"rank{r}.pt") for r in range(2)]
-    assert ranks[0]["world"] == ranks[1]["world"] == 2
-    for part in ("model", "ema", "disc"):
-        for k in ranks[0][part]:
-            assert torch.equal(ranks[0][part][k], ranks[1][part][k]), (part, k)
+    ranks = launch_two_processes("train_tokenizer", overrides, dump, port=29517)
+    assert_same_weights(ranks, ("model", "ema", "disc"))
     # Both processes saw different images (sharded), yet one log line per step and one writer.
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
