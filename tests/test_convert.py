@@ -268,7 +268,8 @@ def hand_greedy(sd, labels, layout, n_head, side, cfg_scale, null):
 
 def _official_yaml(path, resolution, ch=32, mult=(1, 2), blocks=1, z=32, embed=8, codes=16, ar=None):
     dd = {"double_z": False, "z_channels": z, "resolution": resolution, "in_channels": 3, "out_ch": 3, "ch": ch,
-          "ch_mult": list(mult), "num_res_blocks": blocks, "attn_resolutions": [resolution // 2], "dropout": 0.0}
+          "ch_mult": list(mult), "num_res_blocks": blocks, "attn_resolutions": [resolution // 2 ** (len(mult) - 1)],
+          "dropout": 0.0}
     tok = {"target": "src.IBQ.models.ibqgan.IBQ", "params": {"ddconfig": dd, "n_embed": codes, "embed_dim": embed}}
     if ar is None:
         doc = {"model": tok}

@@ -223,3 +223,15 @@ def test_vq_l2_norm_is_llamagen_recipe():
     out.loss.backward()
     assert z.grad.abs().sum() > 0 and q.embedding.weight.grad.abs().sum() > 0
     assert not VectorQuantizer(4, 2).l2_norm  # off by default (the plain VQ baseline)
+
+
+def test_tokenizer_config_selects_llamagen_vq():
+    from tokenizer.model import IBQTokenizer, TokenizerConfig
+
+    args = {"beta": 0.25, "l2_norm": True, "entropy_eps": 1e-5, "entropy_temperature": 0.01}  # shared config keys
+    cfg = TokenizerConfig(resolution=16, base_channels=32, channel_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1,
+                          attn_resolutions=(), z_channels=8, embed_dim=8, num_codes=16, quantizer="vq",
+                          quantizer_args=args)
+    assert IBQTokenizer(cfg).quantizer.l2_norm
+    ibq = IBQTokenizer(TokenizerConfig(**{**cfg.__dict__, "quantizer": "ibq"})).quantizer
+    assert ibq.entropy_eps == 1e-5  # the IBQ quantizer ignores l2_norm, VQ ignores entropy_eps
