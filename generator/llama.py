@@ -233,8 +233,8 @@ class AdaLNBeforeHead(nn.Module):
         super().__init__()
         if cfg.head_norm == "adaln":
             self.norm: nn.Module = nn.LayerNorm(cfg.dim, eps=1e-6, elementwise_affine=False)
-        else:
-            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        else:  # IBQ's head RMSNorm keeps its own default eps (1e-5); LlamaGen's uses the model's norm_eps
+            self.norm = RMSNorm(cfg.dim, 1e-5 if cfg.head_norm == "adaln_rms" else cfg.norm_eps)
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim)) if cfg.head_norm != "rms" else None
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:

@@ -558,6 +558,8 @@ def convert(source: str, src: str | Path, out: str | Path, config: str | None = 
         ar_sd = {k: v for k, v in sd.items() if not k.startswith(("first_stage_model.", "cond_stage_model."))}
         if embedded:
             tok_state, tok_cfg, which = convert_ibq_tokenizer(embedded, official, ema, what="ibq-ar tokenizer")
+            if not any(k.startswith("model_ema.") for k in embedded):  # the AR stage stores the EMA weights as such
+                which = "as embedded (the official AR stage loads the tokenizer's EMA weights into first_stage_model)"
             tokenizer = Path(out) / "tokenizer"
             write_tokenizer(tokenizer, tok_state, tok_cfg, _origin("ibq-ar (first_stage_model)", src, weights=which))
             summary["tokenizer"] = str(tokenizer)

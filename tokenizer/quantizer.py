@@ -313,8 +313,9 @@ class IBQuantizer(nn.Module):
     Loss (weights from config, defaults from the reference code):
       quant = mean((z_q - z)^2) + mean((sg(E[idx]) - z)^2) + beta * mean((E[idx] - sg(z))^2)
       entropy = sample_weight * mean_i H(p_i) - batch_weight * H(mean_i p_i),  p = softmax(logits / T)
-    where the batch term is -sum(p log(p + entropy_eps)) as the official code (``entropy_eps=0``: exact H).
       loss = quant_weight * quant + entropy_weight * entropy
+    The batch term H(pbar) is -sum(pbar log(pbar + entropy_eps)) as in the official code (``entropy_eps=0``:
+    the exact entropy; see ``OFFICIAL_ENTROPY_EPS``).
     ``beta_on_codebook=False`` moves beta to the commitment term, as the paper's equation writes it.
     ``impl``: "naive" builds the (positions x N) logits; "tiled" computes the same values and
     gradients in code_tile x pos_tile blocks (memory independent of N); "auto" = tiled from
