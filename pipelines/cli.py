@@ -1,32 +1,14 @@
-"""Entry-point plumbing: turn known bad-input errors into one clear line instead of a traceback."""
+"""Entry-point plumbing: a ``UserError`` becomes one ``error: ...`` line and exit code 2, not a traceback."""
 
 from __future__ import annotations
 
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
-from pipelines.checkpoint import MissingCheckpointError
-from pipelines.data import CorruptImageError, DatasetNotFoundError, ShardIntegrityError, ShardMismatchError
-from pipelines.generate import TokenizerMismatchError, UnknownClassError
-from pipelines.inception import InceptionConversionError, InceptionWeightsMissing
-from pipelines.metrics import ImageArrayError
-from tokenizer.perceptual import PerceptualWeightsMissing
-
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    MissingCheckpointError,
-    DatasetNotFoundError,
-    CorruptImageError,
-    PerceptualWeightsMissing,
-    ShardMismatchError,
-    ShardIntegrityError,
-    UnknownClassError,
-    TokenizerMismatchError,
-    InceptionWeightsMissing,
-    InceptionConversionError,
-    ImageArrayError,
-)
+from pipelines.errors import UserError
 
 F = TypeVar("F", bound=Callable)
 
@@ -38,8 +20,12 @@ def user_errors_exit(fn: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as err:
+        except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # pipeline configs; per-tool configs in conf/tools/
+TOOLS_CONF_DIR = str(CONF_DIR / "tools")  # absolute: Hydra resolves a relative path against the package otherwise

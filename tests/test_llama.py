@@ -116,3 +116,9 @@ def test_kv_cache_logits_equal_full_recomputation():
     torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="exceeds block size"):
         model(tokens[:, :2], labels, cache=cache, start_pos=11)
+
+
+def test_config_from_dict_refuses_unknown_keys():
+    assert GPTConfig.from_dict({"dim": 64, "n_layer": 1, "n_head": 4, "grid": [2, 2]}).grid == (2, 2)
+    with pytest.raises(ValueError, match="n_layers"):
+        GPTConfig.from_dict({"n_layers": 2})

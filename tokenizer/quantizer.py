@@ -18,7 +18,10 @@ online log-sum-exp and recomputes the logits in backward (see ``_TiledIBQ``); ``
 from __future__ import annotations
 
 import contextlib
+import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,22 @@ class QuantizerOutput:
     loss: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)  # unweighted named loss terms
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached diagnostics
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """What the tokenizer and the trainers rely on; a new quantizer (e.g. LFQ) implements this and registers in
+    ``QUANTIZERS``. Latents are (B, D, h, w), indices (B, h, w)."""
+
+    num_codes: int
+
+    def __call__(self, z: Tensor) -> QuantizerOutput: ...  # forward: training path with losses
+
+    def encode_indices(self, z: Tensor) -> Tensor: ...  # inference: latents -> ids
+
+    def lookup(self, indices: Tensor) -> Tensor: ...  # ids -> quantized latents (B, D, h, w)
+
+    def codebook_parameters(self) -> Iterator[nn.Parameter]: ...  # for a separate lr (may be empty)
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -415,6 +434,9 @@ class IBQuantizer(nn.Module):
         """Token ids (B, h, w) -> quantized latents (B, D, h, w) for decoding."""
         return self.embedding(indices).permute(0, 3, 1, 2)
 
+    def codebook_parameters(self) -> Iterator[nn.Parameter]:
+        yield self.embedding.weight
+
 
 class VectorQuantizer(nn.Module):
     """Plain VQ baseline: nearest code by L2 distance, straight-through on the latent.
@@ -461,12 +483,21 @@ class VectorQuantizer(nn.Module):
     def lookup(self, indices: Tensor) -> Tensor:
         return self.embedding(indices).permute(0, 3, 1, 2)
 
+    def codebook_parameters(self) -> Iterator[nn.Parameter]:
+        yield self.embedding.weight
+
 
 QUANTIZERS = {"ibq": IBQuantizer, "vq": VectorQuantizer}
 
 
-def build_quantizer(kind: str, **kwargs) -> nn.Module:
-    """Quantizer by config name (``ibq`` or ``vq``)."""
+def build_quantizer(kind: str, num_codes: int, dim: int, args: dict[str, Any] | None = None) -> Quantizer:
+    """Quantizer by config name; an argument the chosen quantizer does not take is an error, not dropped."""
     if kind not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {kind!r}; choose one of {sorted(QUANTIZERS)}")
-    return QUANTIZERS[kind](**kwargs)
+    cls = QUANTIZERS[kind]
+    accepted = set(inspect.signature(cls).parameters) - {"num_codes", "dim"}
+    unknown = set(args or {}) - accepted
+    if unknown:
+        raise ValueError(f"quantizer {kind!r} takes no argument(s) {sorted(unknown)}; it takes {sorted(accepted)} "
+                         "(switching quantizer: set tokenizer.model.quantizer_args to the new one's arguments)")
+    return cls(num_codes=num_codes, dim=dim, **(args or {}))

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipelines.checkpoint import atomic_write
-from pipelines.data import IMAGE_EXTENSIONS, DatasetNotFoundError, load_rgb, resize_and_crop
+from pipelines.data import IMAGE_EXTENSIONS, DatasetNotFoundError, image_files, load_rgb, resize_and_crop
+from pipelines.errors import UserError
+from pipelines.util import atomic_write
 
 
-class ImageArrayError(ValueError):
+class ImageArrayError(UserError, ValueError):
     """An image batch or statistics file with the wrong keys, shape or dtype; the message names the file."""
 
 
@@ -230,13 +231,6 @@ class ImageSet:
             yield torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2)
 
 
-def list_image_files(directory: Path) -> list[Path]:
-    files = sorted(f for f in directory.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {directory}")
-    return files
-
-
 def open_images(spec: str | Path, resolution: int | None = None,
                 class_names: Sequence[str] | None = None) -> ImageSet | FeatureStats:
     """An image folder, an ADM-layout ``.npz`` of images, or an ``.npz`` of statistics (returned as FeatureStats).
@@ -246,7 +240,9 @@ def open_images(spec: str | Path, resolution: int | None = None,
     """
     path = Path(spec)
     if path.is_dir():
-        files = list_image_files(path)
+        files = image_files(path)
+        if not files:
+            raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
         parents = [f.parent.name for f in files]
         labels = None
         if any(f.parent != path for f in files):

@@ -26,12 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipelines.checkpoint import atomic_write, load_tokenizer
 from pipelines.data import ImageFolderDataset
-from pipelines.demo_classifier import ClassifierConfig, load_or_train, per_class_accuracy
-from pipelines.images import to_uint8
-from pipelines.inception import InceptionFeatures, find_inception_weights
-from pipelines.metrics import (
+from pipelines.eval.demo_classifier import ClassifierConfig, load_or_train, per_class_accuracy
+from pipelines.eval.inception import InceptionFeatures, find_inception_weights
+from pipelines.eval.metrics import (
     FeatureStats,
     ImageArrayError,
     ImageSet,
@@ -46,7 +44,10 @@ from pipelines.metrics import (
     save_images_npz,
     save_stats,
 )
-from pipelines.recon_eval import evaluate_reconstruction
+from pipelines.eval.recon import evaluate_reconstruction
+from pipelines.images import to_uint8
+from pipelines.util import atomic_write, evenly_spaced, pick_device
+from tokenizer.model import load_tokenizer
 from tokenizer.perceptual import VGG16_FILE, PerceptualWeightsMissing, build_perceptual
 
 INCEPTION_FEATURES = "inception-v3-tf-2015-12-05/pool3"
@@ -72,22 +73,6 @@ class Report:
         text = format_table(list(self.metrics.items()), self.title)
         notes = [f"  {k}: unavailable - {why}" for k, why in self.unavailable.items()]
         return text + ("\n" + "\n".join(notes) if notes else "")
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: this process's device under Accelerate (its GPU in a multi-GPU launch), else the CPU."""
-    if name == "auto":
-        from accelerate import PartialState
-
-        return PartialState().device
-    return torch.device(name)
-
-
-def evenly_spaced(n: int, k: int | None) -> list[int]:
-    """``k`` indices spread over ``range(n)`` (all when k is None or >= n); class-sorted lists keep every class."""
-    if k is None or k >= n:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
 
 
 class Features:
@@ -354,35 +339,40 @@ def generate_samples(cfg: DictConfig, extractors: dict[str, Callable[[Tensor], d
                      ) -> tuple[dict[str, Tensor], Tensor, Tensor | None, dict] | None:
     """``per_class`` samples of each class from the AR checkpoint, sharded over processes (Accelerate).
 
-    Work is cut into fixed batches seeded by (seed, batch index), dealt round-robin to processes, so the
-    samples do not depend on the number of processes. Returns (features, labels, images or None, AR config)
-    on the main process, None elsewhere. ``shard=False``: this process does all of it (no collectives).
+    Work is cut into fixed batches dealt round-robin to processes; every sample is seeded by (seed, class, index)
+    (``pipelines.generate``), so the samples do not depend on the number of processes and equal
+    ``tools/sample.py``'s. Returns (features, labels, images or None, AR config) on the main process, None
+    elsewhere. ``shard=False``: this process does all of it (no collectives).
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from pipelines.generate import generate_images, load_pipeline, resolve_classes
+    from pipelines.generate import (
+        SAMPLING_KEYS,
+        iter_images,
+        load_pipeline,
+        resolve_classes,
+        sample_plan,
+        sampling_recipe,
+    )
 
     state = PartialState(cpu=cfg.device == "cpu")
     device = pick_device(cfg.device)
     model, tokenizer, config = load_pipeline(cfg.ar, None, device)
     classes = resolve_classes(list(cfg.classes) if cfg.classes is not None else "all", config)
-    labels = torch.tensor([c for c in classes for _ in range(cfg.per_class)])
+    labels, indices = sample_plan(classes, cfg.per_class)
     chunks = list(range(0, len(labels), cfg.batch_size))
     rank, world = (state.process_index, state.num_processes) if shard else (0, 1)
     mine = chunks[rank::world]
-    recipe = {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-              **(config.get("generator", {}).get("sample") or {})}  # the run's sampling recipe fills the nulls
-    given = OmegaConf.to_container(cfg.sampling, resolve=True)
-    sampling = {k: (recipe.get(k) if v is None else v) for k, v in given.items()}
+    sampling = sampling_recipe({k: cfg[k] for k in SAMPLING_KEYS}, config)
     if state.is_main_process:
         print(f"sampling {cfg.per_class} per class x {len(classes)} classes: " +
               ", ".join(f"{k}={v}" for k, v in sampling.items()))
     parts: list[tuple[int, dict[str, Tensor], Tensor | None]] = []
     for start in tqdm(mine, desc=f"generate (process {rank} of {world})", disable=rank != 0):
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)
-        images = generate_images(model, tokenizer, labels[start:start + cfg.batch_size], batch_size=cfg.batch_size,
-                                 generator=gen, progress=False, **sampling)
+        part = slice(start, start + cfg.batch_size)
+        _, images = next(iter_images(model, tokenizer, labels[part], indices[part], sampling, cfg.seed,
+                                     cfg.batch_size, progress=False))
         batch = images.permute(0, 3, 1, 2)
         out: dict[str, Tensor] = {}
         for name, fn in extractors.items():
