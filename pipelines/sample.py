@@ -12,7 +12,6 @@ disk batch by batch so 50,000 samples need no more memory than one batch. Unset 
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import hydra
@@ -23,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipelines.cli import TOOLS_CONF_DIR, user_errors_exit
 from pipelines.generate import SAMPLING_KEYS, iter_images, load_pipeline, resolve_classes, sample_plan, sampling_recipe
 from pipelines.images import save_png, save_rows
-from pipelines.util import atomic_write, pick_device
+from pipelines.util import pick_device, save_npz
 
 
 def _safe(name: str) -> str:
@@ -73,17 +72,8 @@ def sample(cfg: DictConfig) -> dict:
     if npy is not None:
         npy.flush()
         del npy
-        labels_npy = out / ".samples_labels.npy"
-        np.save(labels_npy, labels.numpy())
-
-        def write_npz(tmp: str) -> None:  # the layout np.savez writes: one .npy per array in a zip
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-                z.write(out / ".samples_arr_0.npy", "arr_0.npy")
-                z.write(labels_npy, "labels.npy")
-
-        atomic_write(out / "samples.npz", write_npz)
+        save_npz(out / "samples.npz", arr_0=np.load(out / ".samples_arr_0.npy", mmap_mode="r"), labels=labels.numpy())
         (out / ".samples_arr_0.npy").unlink()
-        labels_npy.unlink()
         written.append(f"{out / 'samples.npz'} (arr_0: uint8 {len(labels)} x H x W x 3)")
     print("wrote " + ", ".join(written))
     return {"out": str(out), "classes": classes, "num_samples": len(labels), **opts}

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 _UMASK = os.umask(0)
@@ -32,6 +33,17 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    """``np.savez`` written atomically. Arrays may be memory-mapped: they are copied into the zip in chunks."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+    return Path(path)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -2,7 +2,7 @@
 
 Both map encoder latents ``z`` (B, D, h, w) to quantized latents of the same shape plus integer
 indices (B, h, w), and report named loss terms and codebook statistics, so training code treats
-them the same. See DESIGN.md section 1 for the method.
+them the same. See docs/design.md for the method.
 
 IBQ in one line: ``logits = z . E^T``, ``soft = softmax(logits)``, ``idx = argmax(logits)`` and a
 straight-through estimator on the *index distribution* (one-hot minus stop-gradient softmax plus

@@ -18,8 +18,12 @@ import hydra
 from omegaconf import DictConfig
 
 from pipelines.cli import TOOLS_CONF_DIR, user_errors_exit
+from pipelines.eval.demo import run_demo
 from pipelines.eval.inception import CONVERTED_FILE, inception_cache_dir, prepare_inception_weights
-from pipelines.eval.modes import MODES, pick_device
+from pipelines.eval.modes import run_gen, run_recon, run_samples
+from pipelines.util import pick_device
+
+MODES = {"samples": run_samples, "recon": run_recon, "gen": run_gen, "demo": run_demo}
 
 
 def prepare_weights(cfg: DictConfig) -> Path:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pipelines.data import IMAGE_EXTENSIONS, DatasetNotFoundError, image_files, load_rgb, resize_and_crop
 from pipelines.errors import UserError
-from pipelines.util import atomic_write
+from pipelines.util import save_npz
 
 
 class ImageArrayError(UserError, ValueError):
@@ -91,13 +91,7 @@ def save_stats(path: str | Path, stats: FeatureStats) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_suffix(path.suffix + ".npz")
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=stats.mu, sigma=stats.sigma, num=np.int64(stats.num), extractor=np.str_(stats.extractor))
-
-    atomic_write(path, write)
-    return path
+    return save_npz(path, mu=stats.mu, sigma=stats.sigma, num=np.int64(stats.num), extractor=np.str_(stats.extractor))
 
 
 def _stats_from_npz(data: Any, path: Path) -> FeatureStats:
@@ -290,13 +284,7 @@ def save_images_npz(path: str | Path, images: np.ndarray | Tensor, labels: np.nd
     arrays = {"arr_0": images}
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels, dtype=np.int64)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
-    return Path(path)
+    return save_npz(path, **arrays)
 
 
 @torch.no_grad()

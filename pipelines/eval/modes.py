@@ -27,7 +27,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipelines.data import ImageFolderDataset
-from pipelines.eval.demo_classifier import ClassifierConfig, load_or_train, per_class_accuracy
 from pipelines.eval.inception import InceptionFeatures, find_inception_weights
 from pipelines.eval.metrics import (
     FeatureStats,
@@ -46,7 +45,7 @@ from pipelines.eval.metrics import (
 )
 from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.images import to_uint8
-from pipelines.util import atomic_write, evenly_spaced, pick_device
+from pipelines.util import atomic_write, evenly_spaced, pick_device, save_npz
 from tokenizer.model import load_tokenizer
 from tokenizer.perceptual import VGG16_FILE, PerceptualWeightsMissing, build_perceptual
 
@@ -164,7 +163,7 @@ def generation_metrics(cfg: DictConfig, report: Report, pool: Tensor, logits: Te
             report.add(f"{prefix}recall", recall)
 
 
-def _subset(images: ImageSet | FeatureStats, k: int | None) -> ImageSet | FeatureStats:
+def spread_subset(images: ImageSet | FeatureStats, k: int | None) -> ImageSet | FeatureStats:
     if isinstance(images, FeatureStats) or k is None or k >= len(images):
         return images
     return images.subset(evenly_spaced(len(images), k))
@@ -199,8 +198,8 @@ def run_samples(cfg: DictConfig, device: torch.device) -> dict | None:
         samples = open_images(cfg.samples, cfg.resolution)
         if isinstance(samples, FeatureStats):
             raise ImageArrayError(f"samples={cfg.samples} holds statistics, not images")
-        samples = _subset(samples, cfg.max_images)
-    ref = _subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
+        samples = spread_subset(samples, cfg.max_images)
+    ref = spread_subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
     need_ref_features = samples is not None and "prc" in cfg.metrics
     ref_stats, ref_pool, origin = reference_stats(cfg, feats, ref, need_ref_features)
     print(f"reference {cfg.ref}: {ref_stats.num or 'unknown number of'} images, {origin}")
@@ -257,8 +256,9 @@ class _ReconCollector:
 
 
 def recon_metrics(cfg: DictConfig, device: torch.device, report: Report, feats: Features | None,
-                  classifier: Any = None, class_names: list[str] | None = None) -> dict[str, Any]:
-    """Reconstruct ``data/split`` through ``tokenizer``: PSNR, SSIM, LPIPS, utilisation, rFID (+ demo classifier)."""
+                  extra: dict[str, Callable[[Tensor], dict[str, Tensor | None]]] | None = None) -> _ReconCollector:
+    """Reconstruct ``data/split`` through ``tokenizer``: PSNR, SSIM, LPIPS, utilisation, rFID. ``extra`` feature
+    extractors (e.g. the demo classifier) also see both sides; their outputs are in the returned collector."""
     model = load_tokenizer(cfg.tokenizer, device)
     dataset = ImageFolderDataset(cfg.data, cfg.split, model.cfg.resolution)
     keep = evenly_spaced(len(dataset), cfg.max_images)
@@ -275,8 +275,7 @@ def recon_metrics(cfg: DictConfig, device: torch.device, report: Report, feats: 
         if cache is not None and cache.is_file():
             cached = cache
             skip_real.add("inception")
-    if classifier is not None:
-        extractors["classifier"] = classifier.classify
+    extractors |= extra or {}
     hook = _ReconCollector(extractors, skip_real)
     perceptual = _lpips_module(cfg, report, device)
     result = evaluate_reconstruction(model, subset, batch_size=cfg.batch_size, device=device,
@@ -296,19 +295,7 @@ def recon_metrics(cfg: DictConfig, device: torch.device, report: Report, feats: 
                 _write_cache(_cache_path(cfg, real_set, feats.weights), real_stats, real_pool)
         report.add("rfid", frechet_distance(feature_stats(hook.get("inception_rec_pool"), INCEPTION_FEATURES),
                                             real_stats))
-    if classifier is not None:
-        labels = torch.cat(hook.labels)
-        real_pred = hook.get("classifier_real_logits").argmax(1)
-        rec_pred = hook.get("classifier_rec_logits").argmax(1)
-        report.add("val_accuracy_real", float((real_pred == labels).float().mean()))
-        report.add("val_accuracy_recon", float((rec_pred == labels).float().mean()))
-        per = per_class_accuracy(rec_pred, labels, len(class_names or []))
-        for name, acc in zip(class_names or [], per, strict=True):
-            report.add(f"recon_accuracy/{name}", acc)
-        report.add("fd_demo_recon", frechet_distance(
-            feature_stats(hook.get("classifier_rec_features"), "demo-classifier"),
-            feature_stats(hook.get("classifier_real_features"), "demo-classifier")))
-    return result
+    return hook
 
 
 def _write_cache(path: Path | None, stats: FeatureStats, pool: Tensor) -> None:
@@ -317,12 +304,7 @@ def _write_cache(path: Path | None, stats: FeatureStats, pool: Tensor) -> None:
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "num": np.int64(stats.num), "extractor": np.str_(stats.extractor)}
     if len(pool) <= CACHE_MAX_FEATURES:
         arrays["features"] = pool.numpy()
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
+    save_npz(path, **arrays)
 
 
 def run_recon(cfg: DictConfig, device: torch.device) -> dict:
@@ -400,7 +382,7 @@ def run_gen(cfg: DictConfig, device: torch.device) -> dict | None:
     out, labels, images, ar_config = result
     if cfg.save_samples:
         print(f"samples saved to {save_images_npz(cfg.save_samples, images, labels)}")
-    ref = _subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
+    ref = spread_subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
     ref_stats, ref_pool, origin = reference_stats(cfg, feats, ref, "prc" in cfg.metrics)
     report = Report(f"{cfg.ar}: {cfg.per_class} samples per class vs {cfg.ref}")
     report.add("num_samples", len(labels))
@@ -408,58 +390,3 @@ def run_gen(cfg: DictConfig, device: torch.device) -> dict | None:
     return finish(cfg, report, Path(cfg.ar) / "gen_eval.json",
                   extra={"inception_weights": str(feats.weights), "reference": origin,
                          "sampling": ar_config["sampling_used"]})
-
-
-def run_demo(cfg: DictConfig, device: torch.device) -> dict | None:
-    """Demo metrics: classifier (trained once, cached), tokenizer half (if tokenizer=), samples half (if ar=)."""
-    root = Path(cfg.demo_data)
-    meta = root / "demo_meta.json"
-    size = json.loads(meta.read_text())["size"] if meta.is_file() else ClassifierConfig.resolution
-    ccfg = ClassifierConfig(resolution=size, epochs=cfg.classifier_epochs)
-    classifier, info = load_or_train(root, cfg.classifier, ccfg, device)
-    names: list[str] = list(info["classes"])
-    report = Report("demo metrics")
-    report.add("classifier_val_accuracy", info["val_accuracy"])
-    feats = Features(cfg, device) if "fid" in cfg.metrics else None
-    if cfg.tokenizer is not None:
-        sub = OmegaConf.merge(cfg, {"data": str(root), "split": "val"})
-        recon_metrics(sub, device, report, feats, classifier, names)
-    if cfg.ar is None and cfg.samples is None:
-        return finish(cfg, report, Path(cfg.tokenizer or cfg.classifier) / "demo_eval.json")
-
-    val = open_images(root / "val", classifier.cfg.resolution, names)  # same cache entry as the recon half
-    val = _subset(val, cfg.max_images)
-    extra: dict[str, Any] = {}
-    extractors: dict[str, Callable] = {"classifier": classifier.classify}
-    if feats is not None:
-        extractors["inception"] = feats
-    if cfg.ar is not None:
-        out, labels, images, ar_config = generate_samples(cfg, extractors, keep_images=bool(cfg.save_samples),
-                                                          shard=False)
-        extra["sampling"] = ar_config["sampling_used"]
-        if cfg.save_samples:
-            print(f"samples saved to {save_images_npz(cfg.save_samples, images, labels)}")
-    else:
-        samples = open_images(cfg.samples, None, names)
-        if isinstance(samples, FeatureStats) or samples.labels is None:
-            raise ImageArrayError(f"samples={cfg.samples} needs images with labels (npz arr_1, or class folders)")
-        out = {}
-        for name, fn in extractors.items():
-            out.update({f"{name}_{k}": v for k, v in extract_features(samples, fn, cfg.batch_size, name).items()})
-        labels = torch.from_numpy(samples.labels)
-    report.add("num_samples", len(labels))
-    if feats is not None:
-        ref_stats, ref_pool, _ = reference_stats(cfg, feats, val, "prc" in cfg.metrics, desc="demo val")
-        generation_metrics(cfg, report, out["inception_pool"], out.get("inception_logits"), ref_stats, ref_pool,
-                           prefix="sample_")
-    val_feats = extract_features(val, classifier.classify, cfg.batch_size, "classifier: demo val")
-    report.add("fd_demo", frechet_distance(feature_stats(out["classifier_features"], "demo-classifier"),
-                                           feature_stats(val_feats["features"], "demo-classifier")))
-    preds = out["classifier_logits"].argmax(1)
-    report.add("sample_accuracy", float((preds == labels).float().mean()))
-    for name, acc in zip(names, per_class_accuracy(preds, labels, len(names)), strict=True):
-        report.add(f"sample_accuracy/{name}", acc)
-    return finish(cfg, report, Path(cfg.ar or Path(cfg.samples).parent) / "demo_eval.json", extra=extra)
-
-
-MODES = {"samples": run_samples, "recon": run_recon, "gen": run_gen, "demo": run_demo}
