@@ -13,12 +13,11 @@ import json
 import warnings
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 from tqdm.auto import tqdm
 
-from pipelines.cli import TOOLS_CONF_DIR, user_errors_exit
+from pipelines.cli import entry_point
 from pipelines.data import (
     IMAGE_EXTENSIONS,
     CorruptImageError,
@@ -87,10 +86,7 @@ def reconstruct(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path=TOOLS_CONF_DIR, config_name="reconstruct", version_base=None)
-@user_errors_exit
-def main(cfg: DictConfig) -> None:
-    reconstruct(cfg)
+main = entry_point("reconstruct", reconstruct, tool=True)
 
 
 if __name__ == "__main__":

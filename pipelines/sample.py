@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.cli import TOOLS_CONF_DIR, user_errors_exit
+from pipelines.cli import entry_point
 from pipelines.generate import SAMPLING_KEYS, iter_images, load_pipeline, resolve_classes, sample_plan, sampling_recipe
 from pipelines.images import save_png, save_rows
 from pipelines.util import pick_device, save_npz
@@ -79,10 +78,7 @@ def sample(cfg: DictConfig) -> dict:
     return {"out": str(out), "classes": classes, "num_samples": len(labels), **opts}
 
 
-@hydra.main(config_path=TOOLS_CONF_DIR, config_name="sample", version_base=None)
-@user_errors_exit
-def main(cfg: DictConfig) -> None:
-    sample(cfg)
+main = entry_point("sample", sample, tool=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,13 @@ from pipelines.checkpoint import save_model, weights_hash
 from pipelines.data import CorruptImageError, DatasetNotFoundError, ImageFolderDataset, load_rgb
 from pipelines.errors import UserError
 from pipelines.tokens.extract import extract, token_variant_names, token_views
-from pipelines.tokens.shards import ShardIntegrityError, ShardMismatchError, TokenShardDataset, token_dtype
+from pipelines.tokens.shards import (
+    ShardIntegrityError,
+    ShardManifest,
+    ShardMismatchError,
+    TokenShardDataset,
+    token_dtype,
+)
 from tests.conftest import ROOT, compose_config
 from tokenizer.model import IBQTokenizer, TokenizerConfig, load_tokenizer
 
@@ -165,6 +171,17 @@ def test_manifest_layout_disagreement_is_named(shards, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardIntegrityError, match="shard_00001.safetensors holds tokens"):
         TokenShardDataset(out, verify=False)
+
+
+def test_manifest_round_trips_and_validates(shards):
+    text = (shards / "manifest.json").read_text()
+    manifest = ShardManifest.from_json(text)
+    assert manifest.to_json() == text and manifest.num_shards == len(manifest.shards) == 4
+    broken = json.loads(text) | {"num_classes": 3}
+    with pytest.raises(ShardIntegrityError, match="10 classes but num_classes is 3"):
+        ShardManifest.from_json(json.dumps(broken))
+    with pytest.raises(ShardMismatchError, match="format"):
+        ShardManifest.from_json(json.dumps(json.loads(text) | {"format": "other/1"}))
 
 
 def test_mismatched_tokenizer_is_refused_naming_both_values(shards, tok, demo_root, tmp_path):

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pipelines.checkpoint import MODEL_FILE, load_model, save_model
-from pipelines.cli import TOOLS_CONF_DIR, user_errors_exit
+from pipelines.cli import entry_point
 from pipelines.data import DatasetNotFoundError, load_rgb, resize_and_crop, scan_image_folder
 from pipelines.images import to_uint8
 
@@ -201,14 +200,15 @@ def load_or_train(root: str | Path, cache_dir: str | Path = "runs/demo_classifie
     return model, {**summary, "cached": False}
 
 
-@hydra.main(config_path=TOOLS_CONF_DIR, config_name="demo_classifier", version_base=None)
-@user_errors_exit
-def main(cfg: DictConfig) -> None:
+def report(cfg: DictConfig) -> None:
     ccfg = ClassifierConfig(resolution=cfg.resolution, epochs=cfg.epochs, seed=cfg.seed)
     _, summary = load_or_train(cfg.data, cfg.out, ccfg, retrain=cfg.retrain)
     how = "cached" if summary["cached"] else f"trained in {summary['train_seconds']} s"
     print(f"demo classifier ({how}) -> {cfg.out}: val accuracy {summary['val_accuracy']:.2%} "
           f"on {summary['val_images']} images")
+
+
+main = entry_point("demo_classifier", report, tool=True)
 
 
 if __name__ == "__main__":

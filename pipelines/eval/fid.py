@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from pipelines.cli import TOOLS_CONF_DIR, user_errors_exit
+from pipelines.cli import entry_point
 from pipelines.eval.demo import run_demo
 from pipelines.eval.inception import CONVERTED_FILE, inception_cache_dir, prepare_inception_weights
 from pipelines.eval.modes import run_gen, run_recon, run_samples
@@ -56,10 +55,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     return MODES[cfg.mode](cfg, device)
 
 
-@hydra.main(config_path=TOOLS_CONF_DIR, config_name="fid", version_base=None)
-@user_errors_exit
-def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+main = entry_point("fid", evaluate, tool=True)
 
 
 if __name__ == "__main__":

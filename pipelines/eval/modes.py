@@ -1,4 +1,5 @@
-"""The evaluation modes behind ``tools/fid.py``: samples vs reference, tokenizer reconstructions, generation, demo.
+"""The protocol modes behind ``tools/fid.py``: samples vs reference, tokenizer reconstructions, generation
+(``demo.py`` adds the demo mode on top).
 
 Every mode fills a ``Report`` (metric -> value, or unavailable with the reason), prints it as a table, appends
 it with the full config to ``results.jsonl``, and (recon, gen, demo) writes it as JSON beside the checkpoint.

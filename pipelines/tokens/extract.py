@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
@@ -49,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipelines.checkpoint import load_config, weights_hash
-from pipelines.cli import CONF_DIR, user_errors_exit
+from pipelines.cli import entry_point
 from pipelines.data import load_rgb_or_skip, resize_and_crop, scan_image_folder
 from pipelines.tokens.shards import (
     MANIFEST_FILE,
@@ -313,10 +312,7 @@ def _manifest(cfg: DictConfig, settings: dict[str, Any], records: list[dict], cl
         skipped=[{"index": i, "path": samples[i][0]} for r in records for i in r["skipped"]], settings=settings)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="extract_tokens", version_base=None)
-@user_errors_exit
-def main(cfg: DictConfig) -> None:
-    extract(cfg)
+main = entry_point("extract_tokens", extract)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,18 @@ class ShardManifest:
     settings: dict[str, Any] = field(default_factory=dict)        # what a resumed extraction must match
     format: str = TOKEN_SHARD_FORMAT
 
+    def __post_init__(self) -> None:
+        problems = [what for what, bad in (
+            ("grid is not [h, w]", len(self.grid) != 2),
+            (f"dtype {self.dtype!r} is not uint16 or int32", self.dtype not in ("uint16", "int32")),
+            (f"{len(self.shards)} shards listed, num_shards {self.num_shards}", len(self.shards) != self.num_shards),
+            ("variant 0 is not 'center'", not self.variants or self.variants[0] != "center"),
+            (f"{len(self.classes)} classes but num_classes is {self.num_classes}",
+             len(self.classes) != self.num_classes),
+        ) if bad]
+        if problems:
+            raise ShardIntegrityError(f"invalid token shard manifest: {'; '.join(problems)}")
+
     def to_json(self) -> str:
         d = asdict(self)
         return json.dumps({"format": d.pop("format"), **d}, indent=1)

@@ -21,7 +21,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
@@ -29,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from generator.llama import GPTConfig, LlamaGPT, next_token_loss
 from pipelines.checkpoint import CONFIG_FILE, load_config, save_config
-from pipelines.cli import CONF_DIR, user_errors_exit
+from pipelines.cli import entry_point
 from pipelines.data import EpochBatchSampler, make_loader, save_class_index
 from pipelines.ema import EMA
 from pipelines.run_log import RunLogger
@@ -220,10 +219,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
     return TrainOutcome(raw_model, ema.model if ema is not None else None, progress.step, metrics)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train_ar", version_base=None)
-@user_errors_exit
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+main = entry_point("train_ar", train)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.checkpoint import save_config
-from pipelines.cli import CONF_DIR, user_errors_exit
+from pipelines.cli import entry_point
 from pipelines.data import EpochBatchSampler, ImageFolderDataset, collate_images, make_loader, save_class_index
 from pipelines.ema import EMA
 from pipelines.eval.recon import evaluate_reconstruction
@@ -194,10 +193,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
     return TrainOutcome(raw_model, ema.model, progress.step, result, discriminator=raw_disc)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train_tokenizer", version_base=None)
-@user_errors_exit
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+main = entry_point("train_tokenizer", train)
 
 
 if __name__ == "__main__":
