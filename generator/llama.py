@@ -74,8 +74,11 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         """Build from a (Hydra) dict; an unknown key is an error (as ``TokenizerConfig.from_dict``)."""
+        from pipelines.errors import ConfigError  # a leaf module: the error class only
+
         if unknown := set(d) - {f.name for f in fields(cls)}:
-            raise ValueError(f"unknown generator config keys {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+            known = [f.name for f in fields(cls)]
+            raise ConfigError(f"unknown generator config keys {sorted(unknown)}; known: {known}")
         return cls(**{k: (tuple(v) if k == "grid" else v) for k, v in d.items()})
 
     def to_dict(self) -> dict[str, Any]:

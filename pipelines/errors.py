@@ -12,5 +12,9 @@ class UserError(Exception):
     """A problem the user can fix from the message alone; subclasses also derive from the builtin that fits."""
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration key or value the code does not accept (unknown key, unknown quantizer argument)."""
+
+
 class MissingCheckpointError(UserError, FileNotFoundError):
     """A checkpoint directory or one of its files is absent."""

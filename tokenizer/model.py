@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipelines.errors import ConfigError  # a leaf module: the error class only
 from tokenizer.autoencoder import Decoder, Encoder
 from tokenizer.quantizer import Quantizer, QuantizerOutput, build_quantizer
 
@@ -34,7 +35,7 @@ class TokenizerConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown tokenizer config keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown tokenizer config keys {sorted(unknown)}; known: {sorted(known)}")
         d = dict(d)
         for key in ("channel_mult", "attn_resolutions"):
             if key in d:

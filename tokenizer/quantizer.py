@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from pipelines.errors import ConfigError  # a leaf module: the error class only
+
 ENTROPY_EPS = 1e-10  # guards log(0) in the batch-average entropy when a code's mean probability underflows
 
 
@@ -493,11 +495,12 @@ QUANTIZERS = {"ibq": IBQuantizer, "vq": VectorQuantizer}
 def build_quantizer(kind: str, num_codes: int, dim: int, args: dict[str, Any] | None = None) -> Quantizer:
     """Quantizer by config name; an argument the chosen quantizer does not take is an error, not dropped."""
     if kind not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer {kind!r}; choose one of {sorted(QUANTIZERS)}")
+        raise ConfigError(f"unknown quantizer {kind!r}; choose one of {sorted(QUANTIZERS)}")
     cls = QUANTIZERS[kind]
     accepted = set(inspect.signature(cls).parameters) - {"num_codes", "dim"}
     unknown = set(args or {}) - accepted
     if unknown:
-        raise ValueError(f"quantizer {kind!r} takes no argument(s) {sorted(unknown)}; it takes {sorted(accepted)} "
-                         "(switching quantizer: set tokenizer.model.quantizer_args to the new one's arguments)")
+        raise ConfigError(f"quantizer {kind!r} takes no argument(s) {sorted(unknown)}; it takes {sorted(accepted)} "
+                         "(to switch quantizer, replace its arguments: '~tokenizer.model.quantizer_args' "
+                         "'+tokenizer.model.quantizer_args={...}')")
     return cls(num_codes=num_codes, dim=dim, **(args or {}))
