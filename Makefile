@@ -43,13 +43,13 @@ demo-data: $(STAMP)
 	$(PY) tools/make_demo_data.py root=$(DEMO_DATA)
 
 train-tokenizer: $(STAMP)
-	$(PY) -m pipelines.train_tokenizer $(ARGS)
+	$(PY) -m pipelines.train.tokenizer $(ARGS)
 
 tokenize: $(STAMP)
-	$(PY) -m pipelines.extract_tokens $(ARGS)
+	$(PY) -m pipelines.tokens.extract $(ARGS)
 
 train-ar: $(STAMP)
-	$(PY) -m pipelines.train_ar $(ARGS)
+	$(PY) -m pipelines.train.ar $(ARGS)
 
 sample: $(STAMP)
 	$(PY) tools/sample.py class=all $(ARGS)
@@ -62,12 +62,12 @@ fid: $(STAMP)
 
 # The demo recipe (steps, sizes) lives in the configs' defaults; a re-run starts the demo runs afresh.
 demo: demo-data clean-demo
-	$(PY) -m pipelines.train_tokenizer data.root=$(DEMO_DATA) run_dir=runs/tokenizer_demo
+	$(PY) -m pipelines.train.tokenizer data.root=$(DEMO_DATA) run_dir=runs/tokenizer_demo
 	$(PY) tools/reconstruct.py ckpt=runs/tokenizer_demo input=$(DEMO_DATA)/val out=runs/tokenizer_demo/reconstruct \
 		max_images=16
-	$(PY) -m pipelines.extract_tokens tokenizer_ckpt=runs/tokenizer_demo data.root=$(DEMO_DATA) \
+	$(PY) -m pipelines.tokens.extract tokenizer_ckpt=runs/tokenizer_demo data.root=$(DEMO_DATA) \
 		out_dir=runs/tokens_demo overwrite=true
-	$(PY) -m pipelines.train_ar shards=runs/tokens_demo run_dir=runs/ar_demo
+	$(PY) -m pipelines.train.ar shards=runs/tokens_demo run_dir=runs/ar_demo
 	$(PY) tools/sample.py ckpt=runs/ar_demo class=all n=8
 	$(PY) tools/fid.py prepare_weights=true
 	$(PY) tools/fid.py mode=demo tokenizer=runs/tokenizer_demo ar=runs/ar_demo demo_data=$(DEMO_DATA) \

@@ -20,18 +20,16 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState
+from hydra import compose, initialize_config_dir
+
+from pipelines.checkpoint import MODEL_FILE, save_model
+from pipelines.demo_data import make_demo_dataset
+from pipelines.tokens.extract import extract
+from pipelines.tokens.shards import TokenShardDataset
+from tokenizer.model import IBQTokenizer, TokenizerConfig, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from accelerate.state import AcceleratorState  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from pipelines.checkpoint import MODEL_FILE, load_tokenizer, save_model  # noqa: E402
-from pipelines.data import TokenShardDataset  # noqa: E402
-from pipelines.extract_tokens import extract  # noqa: E402
-from tokenizer.model import IBQTokenizer, TokenizerConfig  # noqa: E402
-from tools.make_demo_data import make_demo_dataset  # noqa: E402
 
 
 def compose_cfg(name: str, overrides: list[str]):

@@ -23,12 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from omegaconf import OmegaConf
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from tokenizer.quantizer import IBQuantizer  # noqa: E402
+from tokenizer.quantizer import IBQuantizer
 
 DEFAULTS = {"log2_codes": [14, 16, 18], "dim": 256, "batch": 4, "grid": 16, "device": "cpu", "threads": 1,
             "runs": 3, "warmup": 1, "mem_cap_gb": None, "code_tile": None, "pos_tile": None, "seed": 0,

@@ -13,13 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from generator.llama import GPTConfig, LlamaGPT  # noqa: E402
-from generator.sampling import generate  # noqa: E402
+from generator.llama import GPTConfig, LlamaGPT
+from generator.sampling import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {"sizes": ["tiny"], "grids": None, "batch": None, "device": "cpu", "threads": 2, "repeats": 2,
@@ -27,7 +26,8 @@ DEFAULTS = {"sizes": ["tiny"], "grids": None, "batch": None, "device": "cpu", "t
 
 
 def build(size: str, grid: int, vocab: int, device: str, dtype: torch.dtype) -> LlamaGPT:
-    spec = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "generator" / f"{size}.yaml"))["model"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        spec = OmegaConf.to_container(compose("train_ar", [f"generator={size}"]).generator.model)
     cfg = GPTConfig.from_dict({**spec, "vocab_size": vocab, "num_classes": 1000 if size != "tiny" else 10,
                                "grid": [grid, grid]})
     torch.manual_seed(0)

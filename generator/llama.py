@@ -90,9 +90,13 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        """Build from a (Hydra) dict, ignoring keys that are not fields (e.g. ``name``)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "grid" else v) for k, v in d.items() if k in names})
+        """Build from a (Hydra) dict; an unknown key is an error (as ``TokenizerConfig.from_dict``)."""
+        from pipelines.errors import ConfigError  # a leaf module: the error class only
+
+        if unknown := set(d) - {f.name for f in fields(cls)}:
+            known = [f.name for f in fields(cls)]
+            raise ConfigError(f"unknown generator config keys {sorted(unknown)}; known: {known}")
+        return cls(**{k: (tuple(v) if k == "grid" else v) for k, v in d.items()})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -331,11 +335,29 @@ class LlamaGPT(nn.Module):
 
     def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
         """Mean next-token cross-entropy over all L positions (labels dropped to null as configured)."""
-        logits = self(tokens, labels)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        return next_token_loss(self(tokens, labels), tokens)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
             n -= self.tok_embeddings.weight.numel() + self.class_embedding.weight.numel()
         return n
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of ``forward``'s logits (B, L, V) against the tokens (B, L), in float32. ``LlamaGPT.loss``
+    uses it; a trainer whose model is wrapped (DDP, FSDP, compile) calls the wrapper's forward, then this."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction=reduction)
+
+
+def load_generator(directory, device: str | torch.device = "cpu") -> tuple[LlamaGPT, dict[str, Any]]:
+    """A LlamaGPT in eval mode and its run config, from ``model.safetensors`` + ``config.yaml`` of an AR run."""
+    from pipelines.checkpoint import MissingCheckpointError, load_model  # file I/O only (no model code)
+
+    state, config = load_model(directory)
+    if "generator" not in config or "model" not in config["generator"] or "tokenizer_hash" not in config:
+        raise MissingCheckpointError(f"{directory} is not an AR generator checkpoint (its config.yaml has no "
+                                     "generator.model / tokenizer_hash; was it written by pipelines.train.ar?)")
+    model = LlamaGPT(GPTConfig.from_dict(config["generator"]["model"]))
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), config

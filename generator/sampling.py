@@ -43,23 +43,31 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 
 
 def sample_token(logits: Tensor, temperature: float, top_k: int, top_p: float,
-                 generator: torch.Generator | None) -> Tensor:
-    """One token per row from (B, V) logits; temperature 0 means greedy (argmax)."""
+                 generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    """One token per row from (B, V) logits; temperature 0 means greedy (argmax).
+
+    ``generator`` may be one generator for the batch or a list with one per row: then row i draws one uniform
+    number from its own generator per token (inverse CDF), so a sample does not depend on its batch."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    if not isinstance(generator, list | tuple):
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    u = torch.stack([torch.rand((), generator=g, device=probs.device, dtype=probs.dtype) for g in generator])
+    cdf = probs.cumsum(-1)
+    return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)
 
 
 @torch.no_grad()
 def generate(model: LlamaGPT, labels: Tensor, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, cfg_schedule: str = "constant", generator: torch.Generator | None = None,
+             top_p: float = 1.0, cfg_schedule: str = "constant",
+             generator: torch.Generator | list[torch.Generator] | None = None,
              use_cache: bool = True) -> Tensor:
     """Sample (B, h*w) token ids for class ``labels`` (B,).
 
     Guidance (the doubled batch) is used when ``cfg_scale != 1`` or the schedule is not constant.
-    ``generator`` seeds the draws (on the model's device); the same seed gives the same tokens with
-    and without the cache.
+    ``generator`` seeds the draws (on the model's device; one for the batch or one per row, see
+    ``sample_token``); the same seed gives the same tokens with and without the cache.
     """
     cfg_scale_at(0, 1, cfg_scale, cfg_schedule)  # validates the schedule name
     was_training = model.training

@@ -38,7 +38,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
@@ -46,13 +45,14 @@ from torch import Tensor, nn
 
 from generator.llama import GPTConfig, LlamaGPT
 from pipelines.checkpoint import save_model, weights_hash
-from tokenizer.model import IBQTokenizer, TokenizerConfig
+from pipelines.cli import CONF_DIR, entry_point
+from pipelines.errors import UserError
+from tokenizer.model import IBQTokenizer, TokenizerConfig, load_tokenizer
 
 SOURCES = ("ibq-tok", "ibq-ar", "llamagen-vq", "llamagen-gpt")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A source that does not match the official layout (one line naming the key), or a bad argument."""
 
 
@@ -202,6 +202,37 @@ def _level(m: StrictMap, src: str, dst: str, blocks: int, attn: bool, block: str
 
 # ------------------------------------------------------------------------------------------- tokenizers
 
+def _layout(sd: dict[str, Tensor], enc: str, dec: str, block: str, what: str,
+            kind: str) -> tuple[int, int, list[int], int, int, list[bool], list[bool]]:
+    """(levels, base width, width multipliers, res blocks per level of the encoder and the decoder, which levels
+    have attention in each) read from the key names and shapes; ``enc`` / ``dec`` prefix the levels."""
+    keys = list(sd)
+    levels = _count(keys, rf"{re.escape(enc)}\.(\d+)\.")
+    if not levels:
+        raise ConversionError(f"{what}: no {enc}.* keys: not a {kind} state dict")
+    base = sd["encoder.conv_in.weight"].shape[0]
+    mult = [sd[f"{enc}.{i}.{block}.0.conv2.weight"].shape[0] // base for i in range(levels)]
+    enc_blocks, dec_blocks = (_count(keys, rf"{re.escape(p)}\.0\.{block}\.(\d+)\.") for p in (enc, dec))
+    enc_attn, dec_attn = ([f"{p}.{i}.attn.0.q.weight" in sd for i in range(levels)] for p in (enc, dec))
+    return levels, base, mult, enc_blocks, dec_blocks, enc_attn, dec_attn
+
+
+def _shared_parts(m: StrictMap, mid: tuple[str, str, str]) -> None:
+    """What both tokenizer layouts map alike: conv_in / norm_out / conv_out and the middle (res, attn, res blocks
+    named ``mid``) of encoder and decoder, the codebook and the 1x1 convs around it."""
+    for enc_dec in ("encoder", "decoder"):
+        for name in ("conv_in", "norm_out", "conv_out"):
+            for p in ("weight", "bias"):
+                m.copy(f"{enc_dec}.{name}.{p}", f"{enc_dec}.{name}.{p}")
+        _resblock(m, f"{enc_dec}.mid.{mid[0]}", f"{enc_dec}.mid.0")
+        _attnblock(m, f"{enc_dec}.mid.{mid[1]}", f"{enc_dec}.mid.1")
+        _resblock(m, f"{enc_dec}.mid.{mid[2]}", f"{enc_dec}.mid.2")
+    m.copy("quantize.embedding.weight", "quantizer.embedding.weight")
+    for name in ("quant_conv", "post_quant_conv"):
+        for p in ("weight", "bias"):
+            m.copy(f"{name}.{p}", f"{name}.{p}")
+
+
 def _ibq_generator_keys(sd: dict[str, Tensor]) -> list[str]:
     heads = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
     return [k for k in sd if k.startswith(heads)]
@@ -249,16 +280,8 @@ def convert_ibq_tokenizer(sd: dict[str, Tensor], config: dict[str, Any] | None =
                           ema: bool = True, what: str = "ibq-tok") -> tuple[dict[str, Tensor], dict[str, Any], str]:
     """(our state dict, our TokenizerConfig dict, which weights) from a taming-layout IBQ tokenizer state dict."""
     sd, which = select_ibq_ema(sd, ema)
-    keys = list(sd)
-    levels = _count(keys, r"encoder\.down\.(\d+)\.")
-    if not levels:
-        raise ConversionError(f"{what}: no encoder.down.* keys: not a SEED-Voken IBQ tokenizer state dict")
-    base = sd["encoder.conv_in.weight"].shape[0]
-    mult = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // base for i in range(levels)]
-    enc_blocks = _count(keys, r"encoder\.down\.0\.block\.(\d+)\.")
-    dec_blocks = _count(keys, r"decoder\.up\.0\.block\.(\d+)\.")
-    enc_attn = [f"encoder.down.{i}.attn.0.q.weight" in sd for i in range(levels)]
-    dec_attn = [f"decoder.up.{i}.attn.0.q.weight" in sd for i in range(levels)]
+    levels, base, mult, enc_blocks, dec_blocks, enc_attn, dec_attn = _layout(
+        sd, "encoder.down", "decoder.up", "block", what, "SEED-Voken IBQ tokenizer")
     if enc_attn != dec_attn:
         raise ConversionError(f"{what}: encoder attention levels {enc_attn} differ from the decoder's {dec_attn}")
     dd = _ibq_ddconfig(config)
@@ -279,13 +302,7 @@ def convert_ibq_tokenizer(sd: dict[str, Tensor], config: dict[str, Any] | None =
         raise ConversionError(f"{what}: config= has double_z=true, which this tokenizer does not support")
 
     m = StrictMap(sd, what)
-    for enc_dec in ("encoder", "decoder"):
-        for name in ("conv_in", "norm_out", "conv_out"):
-            for p in ("weight", "bias"):
-                m.copy(f"{enc_dec}.{name}.{p}", f"{enc_dec}.{name}.{p}")
-        _resblock(m, f"{enc_dec}.mid.block_1", f"{enc_dec}.mid.0")
-        _attnblock(m, f"{enc_dec}.mid.attn_1", f"{enc_dec}.mid.1")
-        _resblock(m, f"{enc_dec}.mid.block_2", f"{enc_dec}.mid.2")
+    _shared_parts(m, ("block_1", "attn_1", "block_2"))
     for i in range(levels):
         _level(m, f"encoder.down.{i}", f"encoder.levels.{i}", enc_blocks, enc_attn[i])
         if i < levels - 1:
@@ -296,10 +313,6 @@ def convert_ibq_tokenizer(sd: dict[str, Tensor], config: dict[str, Any] | None =
         if i > 0:
             for p in ("weight", "bias"):
                 m.copy(f"decoder.up.{i}.upsample.conv.{p}", f"decoder.ups.{k}.conv.{p}")
-    m.copy("quantize.embedding.weight", "quantizer.embedding.weight")
-    for name in ("quant_conv", "post_quant_conv"):
-        for p in ("weight", "bias"):
-            m.copy(f"{name}.{p}", f"{name}.{p}")
     m.drop(lambda k: k.startswith("loss."))  # discriminator, perceptual network, LeCAM buffers
     return m.finish(IBQTokenizer(cfg)), cfg.to_dict(), which
 
@@ -307,16 +320,8 @@ def convert_ibq_tokenizer(sd: dict[str, Tensor], config: dict[str, Any] | None =
 def convert_llamagen_vq(sd: dict[str, Tensor], image_size: int = 256,
                         what: str = "llamagen-vq") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(our state dict, our TokenizerConfig dict) from LlamaGen's VQ model (attention at the last level only)."""
-    keys = list(sd)
-    levels = _count(keys, r"encoder\.conv_blocks\.(\d+)\.")
-    if not levels:
-        raise ConversionError(f"{what}: no encoder.conv_blocks.* keys: not a LlamaGen VQ state dict")
-    base = sd["encoder.conv_in.weight"].shape[0]
-    mult = [sd[f"encoder.conv_blocks.{i}.res.0.conv2.weight"].shape[0] // base for i in range(levels)]
-    enc_blocks = _count(keys, r"encoder\.conv_blocks\.0\.res\.(\d+)\.")
-    dec_blocks = _count(keys, r"decoder\.conv_blocks\.0\.res\.(\d+)\.")
-    attn_enc = [f"encoder.conv_blocks.{i}.attn.0.q.weight" in sd for i in range(levels)]
-    attn_dec = [f"decoder.conv_blocks.{k}.attn.0.q.weight" in sd for k in range(levels)]
+    levels, base, mult, enc_blocks, dec_blocks, attn_enc, attn_dec = _layout(
+        sd, "encoder.conv_blocks", "decoder.conv_blocks", "res", what, "LlamaGen VQ")
     if attn_enc != [i == levels - 1 for i in range(levels)] or attn_dec != [k == 0 for k in range(levels)]:
         raise ConversionError(f"{what}: attention is not at the lowest resolution only (encoder {attn_enc}, "
                               f"decoder {attn_dec})")
@@ -331,13 +336,7 @@ def convert_llamagen_vq(sd: dict[str, Tensor], image_size: int = 256,
         quantizer_args={"beta": 0.25, "l2_norm": True})
 
     m = StrictMap(sd, what)
-    for enc_dec in ("encoder", "decoder"):
-        for name in ("conv_in", "norm_out", "conv_out"):
-            for p in ("weight", "bias"):
-                m.copy(f"{enc_dec}.{name}.{p}", f"{enc_dec}.{name}.{p}")
-        _resblock(m, f"{enc_dec}.mid.0", f"{enc_dec}.mid.0")
-        _attnblock(m, f"{enc_dec}.mid.1", f"{enc_dec}.mid.1")
-        _resblock(m, f"{enc_dec}.mid.2", f"{enc_dec}.mid.2")
+    _shared_parts(m, ("0", "1", "2"))
     for i in range(levels):
         _level(m, f"encoder.conv_blocks.{i}", f"encoder.levels.{i}", enc_blocks, attn_enc[i], block="res")
         _level(m, f"decoder.conv_blocks.{i}", f"decoder.levels.{i}", dec_blocks, attn_dec[i], block="res")
@@ -345,10 +344,6 @@ def convert_llamagen_vq(sd: dict[str, Tensor], image_size: int = 256,
             for p in ("weight", "bias"):
                 m.copy(f"encoder.conv_blocks.{i}.downsample.conv.{p}", f"encoder.downs.{i}.conv.{p}")
                 m.copy(f"decoder.conv_blocks.{i}.upsample.conv.{p}", f"decoder.ups.{i}.conv.{p}")
-    m.copy("quantize.embedding.weight", "quantizer.embedding.weight")
-    for name in ("quant_conv", "post_quant_conv"):
-        for p in ("weight", "bias"):
-            m.copy(f"{name}.{p}", f"{name}.{p}")
     m.drop(lambda k: k == "quantize.codebook_used")  # training-time usage statistics
     return m.finish(IBQTokenizer(cfg)), cfg.to_dict()
 
@@ -373,9 +368,16 @@ def permute_chunks(t: Tensor, order: tuple[int, ...]) -> Tensor:
 
 
 def _generator_spec(name: str | None) -> dict[str, Any]:
+    """``conf/generator/<name>.yaml`` as Hydra composes it: the files its defaults list names (``_llama``), then
+    its own keys where ``_self_`` stands."""
     if name is None:
         return {}
-    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "generator" / f"{name}.yaml"))
+    folder = CONF_DIR / "generator"
+    spec = OmegaConf.load(folder / f"{name}.yaml")
+    merged = OmegaConf.create()
+    for entry in spec.pop("defaults", ["_self_"]):
+        merged = OmegaConf.merge(merged, spec if entry == "_self_" else OmegaConf.load(folder / f"{entry}.yaml"))
+    return OmegaConf.to_container(merged)
 
 
 def _gpt_config(sd: dict[str, Tensor], prefix: str, tok: str, cls: str, layers_pat: str, w1: str,
@@ -511,8 +513,6 @@ def write_tokenizer(out: str | Path, state: dict[str, Tensor], model_cfg: dict[s
 
 def write_generator(out: str | Path, state: dict[str, Tensor], cfg: GPTConfig, name: str, sample: dict[str, Any],
                     tokenizer_dir: str | Path, origin: dict[str, Any]) -> Path:
-    from pipelines.checkpoint import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_dir)
     grid = (tokenizer.cfg.grid, tokenizer.cfg.grid)
     if tokenizer.cfg.num_codes != cfg.vocab_size or grid != cfg.grid:
@@ -580,20 +580,15 @@ def convert(source: str, src: str | Path, out: str | Path, config: str | None = 
     return summary
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="convert", version_base=None)
-def main(cfg: DictConfig) -> None:
-    import sys
-
-    try:
-        summary = convert(cfg.source, cfg.src, cfg.out, cfg.config, cfg.ema, cfg.tokenizer, cfg.image_size,
-                          cfg.n_head)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+def run(cfg: DictConfig) -> None:
+    summary = convert(cfg.source, cfg.src, cfg.out, cfg.config, cfg.ema, cfg.tokenizer, cfg.image_size, cfg.n_head)
     extra = f"; tokenizer -> {summary['tokenizer']}" if "tokenizer" in summary else ""
     weights = f" ({summary['weights']} weights)" if "weights" in summary else ""
     skipped = f"; left out of the file: {', '.join(summary['skipped_entries'])}" if summary["skipped_entries"] else ""
     print(f"converted {cfg.source} {cfg.src}{weights} -> {cfg.out} (model.safetensors + config.yaml){extra}{skipped}")
+
+
+main = entry_point("convert", run, tool=True)
 
 
 if __name__ == "__main__":

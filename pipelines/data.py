@@ -8,31 +8,37 @@ run would have seen, whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipelines.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class CorruptImageError(RuntimeError):
+def image_files(directory: str | Path, recursive: bool = True) -> list[Path]:
+    """Image files (by extension) under ``directory``, sorted; ``recursive=False`` looks at its own files only."""
+    found = Path(directory).rglob("*") if recursive else Path(directory).iterdir()
+    return sorted(f for f in found if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+
+
+class CorruptImageError(UserError, RuntimeError):
     """An image file that cannot be decoded; the message names the file."""
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    pass
+class DatasetNotFoundError(UserError, FileNotFoundError):
+    """An image folder or token-shard directory that is absent or empty."""
 
 
 def scan_image_folder(split_dir: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
@@ -50,12 +56,7 @@ def scan_image_folder(split_dir: str | Path) -> tuple[list[tuple[str, int]], lis
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if not classes:
         raise DatasetNotFoundError(f"{split_dir} has no class sub-folders (<split>/<class>/<images>)")
-    samples = [
-        (str(f), i)
-        for i, c in enumerate(classes)
-        for f in sorted((split_dir / c).iterdir())
-        if f.suffix.lower() in IMAGE_EXTENSIONS
-    ]
+    samples = [(str(f), i) for i, c in enumerate(classes) for f in image_files(split_dir / c, recursive=False)]
     if not samples:
         raise DatasetNotFoundError(f"{split_dir} has class folders but no images ({IMAGE_EXTENSIONS})")
     return samples, classes
@@ -191,184 +192,3 @@ class EpochBatchSampler(Sampler[list]):
 def make_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_images,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Token views (what pipelines/extract_tokens.py feeds the tokenizer) and the token shard reader.
-
-TOKEN_SHARD_FORMAT = "ibq-token-shards/1"
-MANIFEST_FILE = "manifest.json"
-TEN_CROP_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
-
-
-class ShardMismatchError(ValueError):
-    """Token shards made with a different tokenizer (codebook size, grid or weights) than the one configured."""
-
-
-class ShardIntegrityError(RuntimeError):
-    """A token shard that is missing, truncated or altered since extraction; the message names the file."""
-
-
-def token_variant_names(flip: bool, ten_crop: bool) -> list[str]:
-    """Names of the stored views of each image, in storage order. Variant 0 is always the plain centre
-    crop (the tokenizer's own eval transform); ten-crop adds LlamaGen's 10 views of a slightly larger
-    resize (4 corners + centre, then the same 5 flipped)."""
-    names = ["center"] + (["center_hflip"] if flip else [])
-    if ten_crop:
-        names += [f"tencrop_{n}" for n in TEN_CROP_NAMES] + [f"tencrop_{n}_hflip" for n in TEN_CROP_NAMES]
-    return names
-
-
-def token_views(img: Image.Image, resolution: int, flip: bool = False, ten_crop: bool = False,
-                ten_crop_scale: float = 1.1) -> Tensor:
-    """All variants of one image as (V, 3, R, R) in [-1, 1], ordered as ``token_variant_names``.
-
-    The centre crop is ``resize_and_crop`` exactly (shorter side -> R, bicubic, centre crop), so tokens of
-    variant 0 equal what the tokenizer saw at evaluation. Ten-crop follows LlamaGen's extract_codes: centre
-    crop at ``R * ten_crop_scale``, then ``TenCrop(R)``.
-    """
-    center = resize_and_crop(img, resolution, None)
-    views = [center] + ([torch.flip(center, dims=[-1])] if flip else [])
-    if ten_crop:
-        big = resize_and_crop(img, round(resolution * ten_crop_scale), None)
-        crops = list(TF.ten_crop(big, [resolution, resolution]))  # 5 crops, then the same 5 of the flip
-        views += crops
-    return torch.stack(views)
-
-
-def _safetensors_layout(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int]], int]:
-    """Parse a safetensors header: name -> (numpy dtype, shape, absolute byte offset), and the file size
-    the header implies. The format is 8 bytes little-endian header length, a JSON header, then raw
-    little-endian C-order arrays, so each tensor can be memory-mapped with ``np.memmap`` directly."""
-    dtypes = {"U8": "u1", "U16": "<u2", "I32": "<i4", "I64": "<i8", "U32": "<u4", "I16": "<i2"}
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ShardIntegrityError(f"token shard {path} is truncated ({len(raw)} bytes, no header)")
-        n = int.from_bytes(raw, "little")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ShardIntegrityError(f"token shard {path} has a damaged header ({err})") from err
-    header.pop("__metadata__", None)
-    layout, end = {}, 8 + n
-    for name, t in header.items():
-        begin, stop = t["data_offsets"]
-        layout[name] = (np.dtype(dtypes[t["dtype"]]), tuple(t["shape"]), 8 + n + begin)
-        end = max(end, 8 + n + stop)
-    return layout, end
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-class TokenShardDataset(Dataset):
-    """Pre-extracted token grids (``python -m pipelines.extract_tokens``) as a map-style dataset.
-
-    ``ds[i]`` -> (tokens of variant 0 as a LongTensor (h*w,) in raster order, label); ``ds[(i, epoch)]`` ->
-    a variant drawn by a generator seeded with (seed, epoch, i) when ``variant == "random"`` (the
-    ``EpochBatchSampler`` convention, so resuming reproduces the same views). ``variant`` may also name
-    one stored variant (e.g. ``"center"``) to always use it.
-
-    Shards are memory-mapped (opened lazily in each DataLoader worker), so the dataset costs no RAM
-    beyond the page cache. On construction the manifest is checked against ``expect_*`` (a mismatch
-    raises ``ShardMismatchError`` naming both values), every shard's size against its header and, with
-    ``verify=True``, its sha256 against the manifest (``ShardIntegrityError`` naming the file).
-    """
-
-    def __init__(self, shard_dir: str | Path, variant: str = "random", seed: int = 0, verify: bool = True,
-                 expect_num_codes: int | None = None, expect_grid: tuple[int, int] | None = None,
-                 expect_tokenizer_hash: str | None = None) -> None:
-        self.shard_dir = Path(shard_dir)
-        path = self.shard_dir / MANIFEST_FILE
-        if not path.exists():
-            raise DatasetNotFoundError(f"no token shards at {self.shard_dir} ({MANIFEST_FILE} missing); "
-                                       "run `python -m pipelines.extract_tokens` (make tokenize) first")
-        self.manifest: dict = json.loads(path.read_text())
-        m = self.manifest
-        if m.get("format") != TOKEN_SHARD_FORMAT:
-            raise ShardMismatchError(f"{path}: format {m.get('format')!r}, expected {TOKEN_SHARD_FORMAT!r}")
-        for what, expected, found in (("num_codes", expect_num_codes, m["num_codes"]),
-                                      ("grid", None if expect_grid is None else list(expect_grid), m["grid"]),
-                                      ("tokenizer_hash", expect_tokenizer_hash, m["tokenizer_hash"])):
-            if expected is not None and expected != found:
-                raise ShardMismatchError(
-                    f"token shards in {self.shard_dir} do not match the configured tokenizer: {what} is "
-                    f"{found} in the shards (tokenizer {m.get('tokenizer_path')}) but {expected} is expected; "
-                    "re-extract the tokens with this tokenizer")
-        self.variants: list[str] = list(m["variants"])
-        if variant != "random" and variant not in self.variants:
-            raise ValueError(f"variant {variant!r} is not stored in {self.shard_dir}; choose 'random' or one of "
-                             f"{self.variants}")
-        self.variant, self.seed = variant, seed
-        self.grid: tuple[int, int] = tuple(m["grid"])
-        self.num_codes: int = m["num_codes"]
-        self._layouts = [self._check_shard(s, verify) for s in m["shards"]]
-        counts = [s["count"] for s in m["shards"]]
-        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._arrays: list[dict[str, np.ndarray]] | None = None
-        self.labels = np.concatenate([self._shard(k)["labels"] for k in range(len(counts))]).astype(np.int64) \
-            if counts else np.zeros(0, np.int64)
-
-    def _check_shard(self, entry: dict, verify: bool) -> dict:
-        path = self.shard_dir / entry["file"]
-        if not path.exists():
-            raise ShardIntegrityError(f"token shard {path} listed in {MANIFEST_FILE} is missing")
-        layout, expected_size = _safetensors_layout(path)
-        size = path.stat().st_size
-        if size != expected_size or size != entry.get("bytes", size):
-            raise ShardIntegrityError(f"token shard {path} is truncated or altered: {size} bytes, "
-                                      f"expected {entry.get('bytes', expected_size)}")
-        count = entry["count"]
-        expected = {"tokens": (np.dtype(self.manifest["dtype"]), (count, len(self.manifest["variants"]),
-                                                                   *self.manifest["grid"])),
-                    "labels": (None, (count,)), "indices": (None, (count,))}
-        for name, (dtype, shape) in expected.items():
-            found = layout.get(name)
-            if found is None or found[1] != shape or (dtype is not None and found[0] != dtype):
-                raise ShardIntegrityError(f"token shard {path} holds {name} as "
-                                          f"{(None, None) if found is None else found[:2]}, the manifest says "
-                                          f"{(dtype, shape)}")
-        if verify and (found := file_sha256(path)) != entry["sha256"]:
-            raise ShardIntegrityError(f"token shard {path} fails its checksum (sha256 {found[:16]}..., manifest "
-                                      f"{entry['sha256'][:16]}...): the file was altered or damaged; re-run "
-                                      "extraction with the same settings to rebuild it")
-        return layout
-
-    def _shard(self, k: int) -> dict[str, np.ndarray]:
-        if self._arrays is None:
-            self._arrays = [None] * len(self._layouts)
-        if self._arrays[k] is None:
-            path = self.shard_dir / self.manifest["shards"][k]["file"]
-            self._arrays[k] = {
-                name: np.memmap(path, dtype=dt, mode="r", offset=off, shape=shape) if np.prod(shape) else
-                np.zeros(shape, dt) for name, (dt, shape, off) in self._layouts[k].items()}
-        return self._arrays[k]
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": None}  # memmaps are reopened in each worker, not pickled
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
-        index, epoch = (key, None) if isinstance(key, int | np.integer) else key
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} token grids")
-        k = int(np.searchsorted(self._starts, index, side="right")) - 1
-        local = index - int(self._starts[k])
-        if self.variant != "random":
-            v = self.variants.index(self.variant)
-        elif epoch is None or len(self.variants) == 1:
-            v = 0
-        else:
-            gen = torch.Generator().manual_seed(augment_seed(self.seed, epoch, index))
-            v = int(torch.randint(0, len(self.variants), (1,), generator=gen))
-        tokens = np.asarray(self._shard(k)["tokens"][local, v]).reshape(-1).astype(np.int64)
-        return torch.from_numpy(tokens), int(self.labels[index])

@@ -1,5 +1,10 @@
 """Class-conditional image generation: AR generator checkpoint + its tokenizer -> uint8 images.
 
+One sampling recipe and one seeding rule for every tool (``tools/sample.py``, ``tools/fid.py mode=gen|demo``):
+the settings are ``cfg``, ``cfg_schedule``, ``temperature``, ``top_k``, ``top_p`` (unset ones come from the run's
+``generator.sample``), and sample ``i`` of class ``c`` draws from its own generator seeded by ``(seed, c, i)``, so
+it is the same image whatever the batch size, the other classes asked for, or the number of processes.
+
 The generator's ``config.yaml`` records the weights hash of the tokenizer whose tokens it was trained on
 (from the shard manifest); ``load_pipeline`` refuses any other tokenizer, because the same token ids mean
 different pictures under a different codebook.
@@ -15,30 +20,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from generator.llama import GPTConfig, LlamaGPT
+from generator.llama import LlamaGPT, load_generator
 from generator.sampling import generate
-from pipelines.checkpoint import MissingCheckpointError, load_model, load_tokenizer, weights_hash
+from pipelines.checkpoint import MissingCheckpointError, weights_hash
+from pipelines.errors import UserError
 from pipelines.images import to_uint8
-from tokenizer.model import IBQTokenizer
+from tokenizer.model import IBQTokenizer, load_tokenizer
 
 
-class UnknownClassError(ValueError):
+class UnknownClassError(UserError, ValueError):
     """A class id or name the generator was not trained on; the message lists the valid ones."""
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError, ValueError):
     """The tokenizer's weights differ from the ones that made the generator's training tokens."""
-
-
-def load_generator(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tuple[LlamaGPT, dict[str, Any]]:
-    """A LlamaGPT in eval mode from ``model.safetensors`` + ``config.yaml`` of a ``train_ar`` run, and its config."""
-    state, config = load_model(ckpt_dir)
-    if "generator" not in config or "model" not in config["generator"] or "tokenizer_hash" not in config:
-        raise MissingCheckpointError(f"{ckpt_dir} is not an AR generator checkpoint (its config.yaml has no "
-                                     "generator.model / tokenizer_hash; was it written by pipelines.train_ar?)")
-    model = LlamaGPT(GPTConfig.from_dict(config["generator"]["model"]))
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), config
 
 
 def check_tokenizer(tokenizer_dir: str | Path, config: dict[str, Any]) -> None:
@@ -91,8 +86,34 @@ def resolve_classes(spec: Any, config: dict[str, Any]) -> list[int]:
     return ids
 
 
-def iter_images(model: LlamaGPT, tokenizer: IBQTokenizer, labels: Tensor | Sequence[int], batch_size: int = 32,
-                seed: int | None = None, progress: bool = True, **sampling: Any) -> Iterator[tuple[Tensor, Tensor]]:
+NEUTRAL_RECIPE = {"cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+SAMPLING_KEYS = tuple(NEUTRAL_RECIPE)  # the same key names in conf/tools/sample.yaml and conf/tools/fid.yaml
+
+
+def sampling_recipe(given: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The settings to sample with: ``given`` values (None = unset), else the run's ``generator.sample``
+    (``cfg_scale`` there), else no guidance / temperature 1 / no filtering."""
+    recipe = dict(config.get("generator", {}).get("sample") or {})
+    if "cfg_scale" in recipe:
+        recipe["cfg"] = recipe.pop("cfg_scale")
+    return {k: given[k] if given.get(k) is not None else recipe.get(k, v) for k, v in NEUTRAL_RECIPE.items()}
+
+
+def sample_generators(labels: Tensor, indices: Tensor, seed: int, device: torch.device) -> list[torch.Generator]:
+    """The seeding rule: one generator per sample, seeded by (seed, class, index of the sample within its class)."""
+    return [torch.Generator(device=device).manual_seed(((seed * 1_000_003 + c) * 1_000_003 + i) % (1 << 63))
+            for c, i in zip(labels.tolist(), indices.tolist(), strict=True)]
+
+
+def sample_plan(classes: Sequence[int], n: int) -> tuple[Tensor, Tensor]:
+    """(labels, index within class) of ``n`` samples of each class, class by class."""
+    labels = torch.tensor(list(classes), dtype=torch.long).repeat_interleave(n)
+    return labels, torch.arange(n).repeat(len(classes))
+
+
+def iter_images(model: LlamaGPT, tokenizer: IBQTokenizer, labels: Tensor, indices: Tensor, recipe: dict[str, Any],
+                seed: int = 0, batch_size: int = 32, use_cache: bool = True, progress: bool = True
+                ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (labels, uint8 images (b, H, W, 3)) batch by batch, so callers can stream many samples to disk."""
     labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     bad = labels[(labels < 0) | (labels >= model.cfg.num_classes)]
@@ -100,22 +121,16 @@ def iter_images(model: LlamaGPT, tokenizer: IBQTokenizer, labels: Tensor | Seque
         raise UnknownClassError(f"unknown class id {int(bad[0])}; the generator was trained on classes "
                                 f"0..{model.cfg.num_classes - 1}")
     device = model.tok_embeddings.weight.device
-    if seed is not None and "generator" not in sampling:
-        sampling["generator"] = torch.Generator(device=device).manual_seed(seed)
     h, w = model.cfg.grid
     bar = tqdm(total=len(labels), unit="img", desc="sample", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(labels), batch_size):
         chunk = labels[start:start + batch_size]
-        tokens = generate(model, chunk, **sampling)
+        gens = sample_generators(chunk, indices[start:start + batch_size], seed, device)
+        tokens = generate(model, chunk, cfg_scale=recipe["cfg"], temperature=recipe["temperature"],
+                          top_k=recipe["top_k"], top_p=recipe["top_p"], cfg_schedule=recipe["cfg_schedule"],
+                          generator=gens, use_cache=use_cache)
         with torch.no_grad():
             images = tokenizer.decode_tokens(tokens.view(-1, h, w))
         bar.update(len(chunk))
         yield chunk, to_uint8(images)
     bar.close()
-
-
-def generate_images(model: LlamaGPT, tokenizer: IBQTokenizer, labels: Tensor | Sequence[int], batch_size: int = 32,
-                    **sampling: Any) -> Tensor:
-    """uint8 images (B, H, W, 3) for class ``labels``; ``sampling`` goes to ``generator.sampling.generate``
-    (cfg_scale, temperature, top_k, top_p, cfg_schedule, generator, use_cache) plus ``seed``."""
-    return torch.cat([imgs for _, imgs in iter_images(model, tokenizer, labels, batch_size, **sampling)])

@@ -10,7 +10,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from pipelines.checkpoint import atomic_write
+from pipelines.util import atomic_write
 
 
 def to_uint8(x: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tools.make_demo_data import make_demo_dataset
+from pipelines.demo_data import make_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,12 @@ def demo_root(tmp_path_factory) -> Path:
 
 def compose_config(name: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name=name, overrides=overrides)
+
+
+def tool_config(name: str, overrides: list[str]):
+    """A per-tool config from conf/tools/ (its own search path, so `tokenizer=`, `data=` are plain keys)."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf" / "tools"), version_base=None):
         return compose(config_name=name, overrides=overrides)
 
 

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 pipeline = sys.argv[1]
-train = importlib.import_module(f"pipelines.{pipeline}").train
+module = {"train_tokenizer": "pipelines.train.tokenizer", "train_ar": "pipelines.train.ar"}[pipeline]
+train = importlib.import_module(module).train
 with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
     cfg = compose(config_name=pipeline, overrides=sys.argv[2:])
 torch.set_num_threads(1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.checkpoint import atomic_write
+from pipelines.util import atomic_write
 
 
 def test_atomic_write_keeps_old_file_on_failure_and_uses_umask_mode(tmp_path: Path) -> None:

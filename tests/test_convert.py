@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from generator.sampling import generate
-from pipelines.checkpoint import load_model, load_tokenizer, weights_hash
+from pipelines.checkpoint import load_model, weights_hash
 from pipelines.convert import (
     IBQ_ADALN_ORDER,
     ConversionError,
     UnsafeCheckpointError,
+    _generator_spec,
     convert,
     convert_ibq_ar,
     load_checkpoint_file,
@@ -28,6 +29,8 @@ from pipelines.convert import (
 )
 from pipelines.generate import load_pipeline
 from tests.conftest import ROOT
+from tests.test_llama import generator_spec
+from tokenizer.model import load_tokenizer
 
 G = torch.Generator().manual_seed(0)
 
@@ -509,3 +512,11 @@ def test_the_three_commands_run_on_a_converted_checkpoint(tmp_path, lightning_mo
     assert config["converted_from"]["source"] == "ibq-ar"
     bad = run("tools/convert_checkpoint.py", "source=ibq-ar", f"src={tmp_path / 'missing.ckpt'}", f"out={out}")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: source checkpoint not found")
+
+
+def test_generator_spec_is_what_hydra_composes():
+    """The converter reads conf/generator/<name>.yaml outside Hydra; its merge of the defaults list must agree."""
+    names = sorted(p.stem for p in (ROOT / "conf" / "generator").glob("*.yaml") if not p.stem.startswith("_"))
+    assert "llamagen_3B" in names and "tiny" in names
+    for name in names:
+        assert _generator_spec(name) == generator_spec(name), name

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tools.make_demo_data as demo
-from tools.make_demo_data import CLASSES, make_demo_dataset, parse_args, render_image
+import pipelines.demo_data as demo
+from pipelines.demo_data import CLASSES, make_demo_dataset, parse_args, render_image
 
 SCRIPT = Path(demo.__file__).resolve()
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from pipelines.checkpoint import save_model, weights_hash
-from pipelines.demo_classifier import ClassifierConfig, load_or_train, load_split_uint8, per_class_accuracy
+from pipelines.demo_data import make_demo_dataset
+from pipelines.eval.demo_classifier import ClassifierConfig, load_or_train, load_split_uint8, per_class_accuracy
+from pipelines.eval.fid import evaluate
 from tests.conftest import TINY_TOKENIZER, compose_config
 from tests.test_inception import fid_config
-from tools.fid import evaluate
-from tools.make_demo_data import make_demo_dataset
 
 CLASSIFIER = ClassifierConfig(resolution=32, epochs=8)  # what mode=demo trains with classifier_epochs=8
 
@@ -61,7 +61,7 @@ def test_per_class_accuracy():
 def demo_runs(demo_data, tmp_path_factory) -> tuple[Path, Path]:
     """A tiny tokenizer trained briefly on the demo set, and an (untrained) tiny AR checkpoint on its tokens."""
     from generator.llama import GPTConfig, LlamaGPT
-    from pipelines.train_tokenizer import train
+    from pipelines.train.tokenizer import train
 
     base = tmp_path_factory.mktemp("runs")
     tok = base / "tokenizer"

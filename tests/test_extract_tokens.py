@@ -14,22 +14,19 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from pipelines.checkpoint import load_tokenizer, save_model, weights_hash
-from pipelines.cli import USER_ERRORS
-from pipelines.data import (
-    CorruptImageError,
-    DatasetNotFoundError,
-    ImageFolderDataset,
+from pipelines.checkpoint import save_model, weights_hash
+from pipelines.data import CorruptImageError, DatasetNotFoundError, ImageFolderDataset, load_rgb
+from pipelines.errors import UserError
+from pipelines.tokens.extract import extract, token_variant_names, token_views
+from pipelines.tokens.shards import (
     ShardIntegrityError,
+    ShardManifest,
     ShardMismatchError,
     TokenShardDataset,
-    load_rgb,
-    token_variant_names,
-    token_views,
+    token_dtype,
 )
-from pipelines.extract_tokens import extract, token_dtype
 from tests.conftest import ROOT, compose_config
-from tokenizer.model import IBQTokenizer, TokenizerConfig
+from tokenizer.model import IBQTokenizer, TokenizerConfig, load_tokenizer
 
 SHARD = 16  # the 60 demo train images -> shards of 16, 16, 16, 12
 
@@ -75,13 +72,13 @@ def test_round_trip_equals_tokenizer_and_decodes(tok, shards, demo_root):
     model = load_tokenizer(tok)
     ds = TokenShardDataset(shards, expect_num_codes=64, expect_grid=(8, 8), expect_tokenizer_hash=weights_hash(tok))
     m = ds.manifest
-    assert len(ds) == m["num_images"] == 60 and m["num_classes"] == 10 and m["variants"] == ["center", "center_hflip"]
-    assert m["tokenizer_hash"] == weights_hash(tok) and m["grid"] == [8, 8] and m["dtype"] == "uint16"
-    assert [s["count"] for s in m["shards"]] == [16, 16, 16, 12] and m["num_tokens"] == 60 * 2 * 64
-    assert m["classes"] == ImageFolderDataset(demo_root, "train", 32).classes
+    assert len(ds) == m.num_images == 60 and m.num_classes == 10 and m.variants == ["center", "center_hflip"]
+    assert m.tokenizer_hash == weights_hash(tok) and m.grid == [8, 8] and m.dtype == "uint16"
+    assert [s["count"] for s in m.shards] == [16, 16, 16, 12] and m.num_tokens == 60 * 2 * 64
+    assert m.classes == ImageFolderDataset(demo_root, "train", 32).classes
 
     # Shard k holds source images [k*S, (k+1)*S) in order, stored as uint16 (n, V, h, w).
-    for k, entry in enumerate(m["shards"]):
+    for k, entry in enumerate(m.shards):
         arrays = load_file(str(shards / entry["file"]))
         assert arrays["tokens"].dtype == np.uint16 and arrays["tokens"].shape == (entry["count"], 2, 8, 8)
         assert arrays["indices"].tolist() == list(range(k * SHARD, min(60, (k + 1) * SHARD)))
@@ -116,7 +113,7 @@ def test_two_processes_give_the_same_shards_as_one(tok, shards, demo_root, tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # `--cpu` would start ONE process (accelerate's simple launcher); `--multi_gpu` + cpu=true gives 2 on gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "29531", "-m", "pipelines.extract_tokens", *overrides(tok, demo_root, out)]
+           "--main_process_port", "29531", "-m", "pipelines.tokens.extract", *overrides(tok, demo_root, out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "over 2 process(es)" in proc.stdout
@@ -176,6 +173,17 @@ def test_manifest_layout_disagreement_is_named(shards, tmp_path):
         TokenShardDataset(out, verify=False)
 
 
+def test_manifest_round_trips_and_validates(shards):
+    text = (shards / "manifest.json").read_text()
+    manifest = ShardManifest.from_json(text)
+    assert manifest.to_json() == text and manifest.num_shards == len(manifest.shards) == 4
+    broken = json.loads(text) | {"num_classes": 3}
+    with pytest.raises(ShardIntegrityError, match="10 classes but num_classes is 3"):
+        ShardManifest.from_json(json.dumps(broken))
+    with pytest.raises(ShardMismatchError, match="format"):
+        ShardManifest.from_json(json.dumps(json.loads(text) | {"format": "other/1"}))
+
+
 def test_mismatched_tokenizer_is_refused_naming_both_values(shards, tok, demo_root, tmp_path):
     with pytest.raises(ShardMismatchError, match="num_codes is 64 in the shards .* but 16384 is expected"):
         TokenShardDataset(shards, expect_num_codes=16384)
@@ -188,7 +196,7 @@ def test_mismatched_tokenizer_is_refused_naming_both_values(shards, tok, demo_ro
     shutil.copytree(shards, out)
     with pytest.raises(ShardMismatchError, match=r"variants: \['center', 'center_hflip'\] -> \['center'\]"):
         run(tok, demo_root, out, "variants.flip=false")
-    assert ShardMismatchError in USER_ERRORS and ShardIntegrityError in USER_ERRORS  # CLI: one line, exit 2
+    assert issubclass(ShardMismatchError, UserError) and issubclass(ShardIntegrityError, UserError)  # CLI: exit 2
 
 
 def test_large_codebook_uses_int32(demo_root, tmp_path):
@@ -229,7 +237,7 @@ def test_views_and_corrupt_images(tok, demo_root, tmp_path):
     assert result["skipped"] == [{"index": 3, "path": str(bad)}]  # sorted after 00002.png
     assert result["num_images"] == 60 and [s["count"] for s in result["shards"]] == [15, 16, 16, 13]
     ds = TokenShardDataset(tmp_path / "skip")
-    assert ds.manifest["shards"][1]["start"] == SHARD  # boundaries stay on source indices
+    assert ds.manifest.shards[1]["start"] == SHARD  # boundaries stay on source indices
     with pytest.raises(CorruptImageError, match="00002_broken.png"):
         run(tok, root, tmp_path / "error", "data.on_corrupt=error")
     assert json.loads((tmp_path / "skip" / "manifest.json").read_text())["num_images"] == 60

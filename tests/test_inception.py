@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from pipelines.cli import user_errors_exit
-from pipelines.evaluate import INCEPTION_FEATURES
-from pipelines.inception import (
+from pipelines.eval.fid import evaluate
+from pipelines.eval.inception import (
     CONVERTED_FILE,
     TORCH_FIDELITY_FILE,
     InceptionConversionError,
@@ -30,15 +29,14 @@ from pipelines.inception import (
     find_inception_weights,
     prepare_inception_weights,
 )
-from pipelines.metrics import load_stats
-from tests.conftest import ROOT, compose_config
-from tools.fid import evaluate
+from pipelines.eval.metrics import load_stats
+from pipelines.eval.modes import INCEPTION_FEATURES
+from tests.conftest import compose_config, tool_config
 
 
 def fid_config(overrides: list[str]):
-    """conf/eval/fid.yaml (its own folder, so `tokenizer=` and `data=` are plain keys, not config groups)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "eval"), version_base=None):
-        return compose(config_name="fid", overrides=overrides)
+    """conf/tools/fid.yaml (the per-tool folder, so `tokenizer=` and `data=` are plain keys, not config groups)."""
+    return tool_config("fid", overrides)
 
 
 def test_missing_weights_is_one_clear_message(tmp_path, monkeypatch, capsys):
@@ -160,7 +158,7 @@ def test_recon_mode_reports_rfid_and_reconstruction_metrics(converted, demo_root
 @pytest.fixture(scope="module")
 def tiny_tokenizer_ckpt(demo_root, tmp_path_factory) -> Path:
     """A tiny tokenizer trained for a few steps on the 32 px demo set."""
-    from pipelines.train_tokenizer import train
+    from pipelines.train.tokenizer import train
     from tests.conftest import TINY_TOKENIZER
 
     run = tmp_path_factory.mktemp("tok") / "run"

@@ -7,9 +7,14 @@ import torch
 from omegaconf import OmegaConf
 
 from generator.llama import GPTConfig, LlamaGPT, apply_rope, rope_2d
-from tests.conftest import ROOT
+from tests.conftest import compose_config
 
 REFERENCE_PARAMS = {"B": 342e6, "L": 649e6, "XL": 1.1e9, "XXL": 2.1e9}
+
+
+def generator_spec(name: str) -> dict:
+    """conf/generator/<name>.yaml composed as training composes it (with its `_llama` defaults)."""
+    return OmegaConf.to_container(compose_config("train_ar", [f"generator={name}"]).generator)
 
 
 def random_model(seed: int = 0, **overrides) -> LlamaGPT:
@@ -27,7 +32,7 @@ def random_model(seed: int = 0, **overrides) -> LlamaGPT:
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
 def test_reference_configs_match_published_parameter_counts(name):
-    spec = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "generator" / f"{name}.yaml"))
+    spec = generator_spec(name)
     cfg = GPTConfig.from_dict({**spec["model"], "vocab_size": 16384, "num_classes": 1000, "grid": [16, 16]})
     with torch.device("meta"):  # no memory: the XXL model would need 8 GB
         model = LlamaGPT(cfg)
@@ -124,7 +129,7 @@ LLAMAGEN_PARAMS = {"B": 111e6, "L": 343e6, "XL": 775e6, "XXL": 1.4e9, "3B": 3.1e
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_IBQ_PARAMS))
 def test_reference_configs_are_the_official_ibq_architecture(name):
-    spec = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "generator" / f"{name}.yaml"))
+    spec = generator_spec(name)
     cfg = GPTConfig.from_dict({**spec["model"], "vocab_size": 16384, "num_classes": 1000, "grid": [16, 16]})
     assert (cfg.head_norm, cfg.rope_cls, cfg.adaln) == ("adaln_rms", "zero", True)
     with torch.device("meta"):
@@ -133,7 +138,7 @@ def test_reference_configs_are_the_official_ibq_architecture(name):
 
 @pytest.mark.parametrize("name", sorted(LLAMAGEN_PARAMS))
 def test_llamagen_configs(name):
-    spec = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "generator" / f"llamagen_{name}.yaml"))
+    spec = generator_spec(f"llamagen_{name}")
     cfg = GPTConfig.from_dict({**spec["model"], "vocab_size": 16384, "num_classes": 1000, "grid": [24, 24]})
     assert (cfg.head_norm, cfg.rope_cls, cfg.adaln) == ("rms", "zero", False)
     with torch.device("meta"):
@@ -186,9 +191,15 @@ def test_head_norm_and_class_rope_options():
 
 def test_config_without_the_new_keys_keeps_todays_model():
     old = {"vocab_size": 32, "num_classes": 5, "grid": [3, 4], "dim": 32, "n_layer": 2, "n_head": 4,
-           "ffn_multiple_of": 16, "adaln": True, "name": "old"}
+           "ffn_multiple_of": 16, "adaln": True}
     cfg = GPTConfig.from_dict(old)
     assert (cfg.head_norm, cfg.rope_cls) == ("adaln", "identity")
     model = LlamaGPT(cfg)
     assert "final_norm.norm.weight" not in model.state_dict()
     assert torch.equal(model.rope[0], torch.stack([torch.ones(4), torch.zeros(4)], -1))
+
+
+def test_config_from_dict_refuses_unknown_keys():
+    assert GPTConfig.from_dict({"dim": 64, "n_layer": 1, "n_head": 4, "grid": [2, 2]}).grid == (2, 2)
+    with pytest.raises(ValueError, match="n_layers"):
+        GPTConfig.from_dict({"n_layers": 2})

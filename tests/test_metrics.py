@@ -9,8 +9,7 @@ import torch
 from PIL import Image
 
 from pipelines.data import DatasetNotFoundError
-from pipelines.evaluate import Report
-from pipelines.metrics import (
+from pipelines.eval.metrics import (
     FeatureStats,
     ImageArrayError,
     ImageSet,
@@ -25,6 +24,7 @@ from pipelines.metrics import (
     save_stats,
     ssim,
 )
+from pipelines.eval.modes import Report
 
 
 def _gaussian(n: int, d: int, seed: int, shift: float = 0.0, scale: float = 1.0) -> np.ndarray:

@@ -1,11 +1,11 @@
-"""The IBQ quantizer against DESIGN.md section 1, term by term, and the VQ baseline's contrast."""
-
+"""The IBQ quantizer against docs/design.md ("The IBQ quantizer"), term by term, and the VQ baseline's contrast."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizer.quantizer import IBQuantizer, VectorQuantizer, build_quantizer, codebook_stats
+from tokenizer.quantizer import QUANTIZERS, IBQuantizer, Quantizer, VectorQuantizer, build_quantizer, codebook_stats
 
 
 def _latents(b=2, d=8, h=3, w=3, seed=0):
@@ -97,7 +97,7 @@ def test_matches_naive_one_hot_formulation_values_and_gradients():
 
 
 def test_soft_term_without_codebook_stopgrad_would_differ():
-    """Guards the subtle bug DESIGN.md warns about: soft @ E without sg(E) changes E's gradient."""
+    """Guards the subtle bug docs/design.md warns about: soft @ E without sg(E) changes E's gradient."""
     torch.manual_seed(1)
     q = IBQuantizer(num_codes=16, dim=4)
     z = _latents(d=4)
@@ -194,9 +194,9 @@ def test_vq_baseline_nearest_neighbour_and_loss():
 
 
 def test_build_quantizer_rejects_unknown_kind():
-    assert isinstance(build_quantizer("vq", num_codes=4, dim=2), VectorQuantizer)
+    assert isinstance(build_quantizer("vq", 4, 2), VectorQuantizer)
     try:
-        build_quantizer("fsq", num_codes=4, dim=2)
+        build_quantizer("fsq", 4, 2)
     except ValueError as err:
         assert "fsq" in str(err) and "ibq" in str(err)
     else:
@@ -228,10 +228,31 @@ def test_vq_l2_norm_is_llamagen_recipe():
 def test_tokenizer_config_selects_llamagen_vq():
     from tokenizer.model import IBQTokenizer, TokenizerConfig
 
-    args = {"beta": 0.25, "l2_norm": True, "entropy_eps": 1e-5, "entropy_temperature": 0.01}  # shared config keys
     cfg = TokenizerConfig(resolution=16, base_channels=32, channel_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1,
                           attn_resolutions=(), z_channels=8, embed_dim=8, num_codes=16, quantizer="vq",
-                          quantizer_args=args)
+                          quantizer_args={"beta": 0.25, "l2_norm": True})
     assert IBQTokenizer(cfg).quantizer.l2_norm
-    ibq = IBQTokenizer(TokenizerConfig(**{**cfg.__dict__, "quantizer": "ibq"})).quantizer
-    assert ibq.entropy_eps == 1e-5  # the IBQ quantizer ignores l2_norm, VQ ignores entropy_eps
+    ibq_args = {"beta": 0.25, "entropy_eps": 1e-5, "entropy_temperature": 0.01}
+    ibq = IBQTokenizer(TokenizerConfig(**{**cfg.__dict__, "quantizer": "ibq", "quantizer_args": ibq_args})).quantizer
+    assert ibq.entropy_eps == 1e-5
+    with pytest.raises(ValueError, match="l2_norm"):  # each quantizer takes its own arguments only
+        build_quantizer("ibq", 16, 8, {"l2_norm": True})
+    with pytest.raises(ValueError, match="entropy_eps"):
+        build_quantizer("vq", 16, 8, {"entropy_eps": 1e-5})
+
+
+def test_build_quantizer_rejects_unknown_arguments():
+    with pytest.raises(ValueError, match="entropy_weight"):
+        build_quantizer("vq", 4, 2, {"beta": 0.25, "entropy_weight": 0.05})  # an IBQ-only argument
+
+
+def test_quantizers_follow_the_protocol():
+    for kind in QUANTIZERS:
+        q = build_quantizer(kind, 8, 4)
+        assert isinstance(q, Quantizer) and q.num_codes == 8
+        z = torch.randn(2, 4, 3, 3)
+        out = q(z)
+        assert out.z_q.shape == z.shape and out.indices.shape == (2, 3, 3)
+        assert torch.equal(q.encode_indices(z), out.indices)
+        assert q.lookup(out.indices).shape == z.shape
+        assert [p.shape for p in q.codebook_parameters()] == [(8, 4)]

@@ -11,12 +11,19 @@ import numpy as np
 import pytest
 import torch
 
+from generator.llama import load_generator
 from pipelines.checkpoint import load_config, load_train_state, save_model, save_train_state, weights_hash
-from pipelines.data import ShardMismatchError
-from pipelines.extract_tokens import extract
-from pipelines.generate import load_generator
-from pipelines.train_ar import lr_factor, train
-from tests.conftest import ROOT, TINY_TOKENIZER, assert_same_weights, compose_config, launch_two_processes
+from pipelines.tokens.extract import extract
+from pipelines.tokens.shards import ShardMismatchError
+from pipelines.train.ar import lr_factor, train
+from tests.conftest import (
+    ROOT,
+    TINY_TOKENIZER,
+    assert_same_weights,
+    compose_config,
+    launch_two_processes,
+    tool_config,
+)
 from tokenizer.model import IBQTokenizer, TokenizerConfig
 
 TINY_GENERATOR = [
@@ -152,7 +159,7 @@ def test_two_processes_stay_in_step(token_shards, tmp_path):
 
 
 def test_missing_shards_is_one_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipelines.train_ar", f"shards={tmp_path / 'none'}",
+    proc = subprocess.run([sys.executable, "-m", "pipelines.train.ar", f"shards={tmp_path / 'none'}",
                            f"run_dir={tmp_path / 'r'}", "train.cpu=true"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -171,15 +178,15 @@ def trained_run(token_shards, tmp_path_factory) -> Path:
 def test_sample_tool_writes_grid_pngs_and_adm_npz(trained_run, tmp_path, capsys):
     from PIL import Image
 
-    from tools.sample import sample
+    from pipelines.sample import sample
 
     args = [f"demo_ckpt={trained_run}", "class=[0,3]", "n=3", "save_npz=true", f"out={tmp_path / 's'}",
             "batch_size=4", "cfg=1.5", "seed=5"]
-    result = sample(compose_config("sample", args))
+    result = sample(tool_config("sample", args))
     printed = capsys.readouterr().out
     assert f"no ckpt= given: using the demo run {trained_run}" in printed and "grid.png" in printed
     out = tmp_path / "s"
-    assert result["classes"] == [0, 3] and result["cfg_scale"] == 1.5 and result["temperature"] == 1.0
+    assert result["classes"] == [0, 3] and result["cfg"] == 1.5 and result["temperature"] == 1.0
     pngs = sorted((out / "images").glob("*.png"))
     assert len(pngs) == 6 and pngs[0].name.startswith("0000_") and pngs[-1].name.startswith("0003_")
     with np.load(out / "samples.npz") as npz:
@@ -189,9 +196,26 @@ def test_sample_tool_writes_grid_pngs_and_adm_npz(trained_run, tmp_path, capsys)
     assert Image.open(out / "grid.png").size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns x 2 rows, 2 px padding
     assert not list(out.glob(".*.npy"))
     # Same seed, same samples.
-    sample(compose_config("sample", [*args[1:], f"ckpt={trained_run}", f"out={tmp_path / 't'}", "save_png=false"]))
+    sample(tool_config("sample", [*args[1:], f"ckpt={trained_run}", f"out={tmp_path / 't'}", "save_png=false"]))
     with np.load(tmp_path / "t" / "samples.npz") as npz:
         assert np.array_equal(npz["arr_0"], arr)
+
+
+def test_sample_tool_and_fid_gen_draw_the_same_images(trained_run, tmp_path):
+    """One seeding rule: sample i of class c depends on (seed, c, i) only, not on batching or other classes."""
+    from pipelines.eval.modes import generate_samples
+    from pipelines.sample import sample
+
+    sample(tool_config("sample", [f"ckpt={trained_run}", "class=3", "n=4", "seed=0", "batch_size=3", "save_npz=true",
+                                  "save_png=false", f"out={tmp_path}", "device=cpu"]))
+    with np.load(tmp_path / "samples.npz") as npz:
+        arr = npz["arr_0"]
+    cfg = tool_config("fid", ["mode=gen", f"ar={trained_run}", "classes=[2,3]", "per_class=4", "seed=0",
+                              "batch_size=5", "device=cpu"])
+    _, labels, images, _ = generate_samples(cfg, {}, keep_images=True, shard=False)
+    assert labels.tolist() == [2] * 4 + [3] * 4
+    assert np.array_equal(images[labels == 3].numpy(), arr)
+    assert not np.array_equal(images[labels == 2].numpy(), arr)
 
 
 def test_class_names_and_unknown_classes(trained_run):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.checkpoint import MissingCheckpointError, load_tokenizer, load_train_state
-from pipelines.train_tokenizer import lr_factor, train
+from pipelines.checkpoint import MissingCheckpointError, load_train_state
+from pipelines.train.tokenizer import lr_factor, train
 from tests.conftest import ROOT, TINY_TOKENIZER, assert_same_weights, compose_config, launch_two_processes
-from tokenizer.model import IBQTokenizer, TokenizerConfig
+from tokenizer.model import IBQTokenizer, TokenizerConfig, load_tokenizer
 
 
 @pytest.mark.parametrize("name,res,grid", [("demo", 64, 8), ("imagenet_256", 256, 16)])
@@ -115,7 +115,7 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path):
 
 def test_missing_dataset_is_one_clear_error(tokenizer_cfg, tmp_path):
     cfg = tokenizer_cfg(extra=[f"data.root={tmp_path / 'no_data'}"])
-    proc = subprocess.run([sys.executable, "-m", "pipelines.train_tokenizer", f"data.root={tmp_path / 'no_data'}",
+    proc = subprocess.run([sys.executable, "-m", "pipelines.train.tokenizer", f"data.root={tmp_path / 'no_data'}",
                            f"run_dir={tmp_path / 'r'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert cfg.data.root.endswith("no_data")
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

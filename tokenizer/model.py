@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from pipelines.errors import ConfigError  # a leaf module: the error class only
 from tokenizer.autoencoder import Decoder, Encoder
-from tokenizer.quantizer import QUANTIZERS, QuantizerOutput
+from tokenizer.quantizer import Quantizer, QuantizerOutput, build_quantizer
 
 
 @dataclass
@@ -34,7 +35,7 @@ class TokenizerConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown tokenizer config keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown tokenizer config keys {sorted(unknown)}; known: {sorted(known)}")
         d = dict(d)
         for key in ("channel_mult", "attn_resolutions"):
             if key in d:
@@ -57,16 +58,6 @@ class TokenizerConfig:
         return self.resolution // self.downsample
 
 
-def _build_quantizer(cfg: TokenizerConfig) -> nn.Module:
-    """Pass each quantizer only the arguments it takes, so one config file can switch ibq <-> vq."""
-    if cfg.quantizer not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer {cfg.quantizer!r}; choose one of {sorted(QUANTIZERS)}")
-    cls = QUANTIZERS[cfg.quantizer]
-    accepted = set(inspect.signature(cls).parameters)
-    args = {k: v for k, v in cfg.quantizer_args.items() if k in accepted}
-    return cls(num_codes=cfg.num_codes, dim=cfg.embed_dim, **args)
-
-
 class IBQTokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig) -> None:
         super().__init__()
@@ -76,7 +67,7 @@ class IBQTokenizer(nn.Module):
                       z_channels=cfg.z_channels, dropout=cfg.dropout)
         self.encoder = Encoder(num_res_blocks=cfg.enc_res_blocks, **shared)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
-        self.quantizer = _build_quantizer(cfg)
+        self.quantizer: Quantizer = build_quantizer(cfg.quantizer, cfg.num_codes, cfg.embed_dim, cfg.quantizer_args)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self.decoder = Decoder(num_res_blocks=cfg.dec_res_blocks, **shared)
 
@@ -98,3 +89,15 @@ class IBQTokenizer(nn.Module):
     def decode_tokens(self, indices: Tensor) -> Tensor:
         """Token ids (B, h, w) -> images in [-1, 1]."""
         return self.decode(self.quantizer.lookup(indices))
+
+
+def load_tokenizer(directory, device: str | torch.device = "cpu") -> IBQTokenizer:
+    """An IBQ tokenizer in eval mode from ``model.safetensors`` + ``config.yaml`` alone."""
+    from pipelines.checkpoint import load_model  # file I/O only (no model code)
+
+    state, config = load_model(directory)
+    if "tokenizer" not in config or "model" not in config["tokenizer"]:
+        raise ValueError(f"{directory} is not a tokenizer checkpoint (config has no tokenizer.model)")
+    model = IBQTokenizer(TokenizerConfig.from_dict(config["tokenizer"]["model"]))
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()

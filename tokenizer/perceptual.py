@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipelines.errors import UserError
+
 PERCEPTUAL_KINDS = ("lpips_vgg", "stlpips_vgg", "none")
 
 VGG16_FILE = "vgg16-397923af.pth"
@@ -32,7 +34,7 @@ _STLPIPS_SLICES = ((0, 4), (4, 10), (10, 18), (18, 26), (26, 34))  # ends at rel
 _VGG16_CHANNELS = (64, 128, 256, 512, 512)
 
 
-class PerceptualWeightsMissing(RuntimeError):
+class PerceptualWeightsMissing(UserError, RuntimeError):
     """A perceptual network's weights are not on disk, and nothing may be downloaded."""
 
 

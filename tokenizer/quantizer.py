@@ -2,7 +2,7 @@
 
 Both map encoder latents ``z`` (B, D, h, w) to quantized latents of the same shape plus integer
 indices (B, h, w), and report named loss terms and codebook statistics, so training code treats
-them the same. See DESIGN.md section 1 for the method.
+them the same. See docs/design.md for the method.
 
 IBQ in one line: ``logits = z . E^T``, ``soft = softmax(logits)``, ``idx = argmax(logits)`` and a
 straight-through estimator on the *index distribution* (one-hot minus stop-gradient softmax plus
@@ -18,12 +18,17 @@ online log-sum-exp and recomputes the logits in backward (see ``_TiledIBQ``); ``
 from __future__ import annotations
 
 import contextlib
+import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from pipelines.errors import ConfigError  # a leaf module: the error class only
 
 ENTROPY_EPS = 1e-10  # guards log(0) in the exact batch-average entropy when a code's mean probability underflows
 # The official IBQ code (like MAGVIT-2's) computes the batch-average entropy as -sum(p * log(p + 1e-5)).
@@ -42,6 +47,22 @@ class QuantizerOutput:
     loss: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)  # unweighted named loss terms
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached diagnostics
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """What the tokenizer and the trainers rely on; a new quantizer (e.g. LFQ) implements this and registers in
+    ``QUANTIZERS``. Latents are (B, D, h, w), indices (B, h, w)."""
+
+    num_codes: int
+
+    def __call__(self, z: Tensor) -> QuantizerOutput: ...  # forward: training path with losses
+
+    def encode_indices(self, z: Tensor) -> Tensor: ...  # inference: latents -> ids
+
+    def lookup(self, indices: Tensor) -> Tensor: ...  # ids -> quantized latents (B, D, h, w)
+
+    def codebook_parameters(self) -> Iterator[nn.Parameter]: ...  # for a separate lr (may be empty)
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -439,6 +460,9 @@ class IBQuantizer(nn.Module):
         """Token ids (B, h, w) -> quantized latents (B, D, h, w) for decoding."""
         return self.embedding(indices).permute(0, 3, 1, 2)
 
+    def codebook_parameters(self) -> Iterator[nn.Parameter]:
+        yield self.embedding.weight
+
 
 class VectorQuantizer(nn.Module):
     """Plain VQ baseline: nearest code by L2 distance, straight-through on the latent.
@@ -502,12 +526,22 @@ class VectorQuantizer(nn.Module):
     def lookup(self, indices: Tensor) -> Tensor:
         return self.codes()[indices].permute(0, 3, 1, 2)
 
+    def codebook_parameters(self) -> Iterator[nn.Parameter]:
+        yield self.embedding.weight
+
 
 QUANTIZERS = {"ibq": IBQuantizer, "vq": VectorQuantizer}
 
 
-def build_quantizer(kind: str, **kwargs) -> nn.Module:
-    """Quantizer by config name (``ibq`` or ``vq``)."""
+def build_quantizer(kind: str, num_codes: int, dim: int, args: dict[str, Any] | None = None) -> Quantizer:
+    """Quantizer by config name; an argument the chosen quantizer does not take is an error, not dropped."""
     if kind not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer {kind!r}; choose one of {sorted(QUANTIZERS)}")
-    return QUANTIZERS[kind](**kwargs)
+        raise ConfigError(f"unknown quantizer {kind!r}; choose one of {sorted(QUANTIZERS)}")
+    cls = QUANTIZERS[kind]
+    accepted = set(inspect.signature(cls).parameters) - {"num_codes", "dim"}
+    unknown = set(args or {}) - accepted
+    if unknown:
+        raise ConfigError(f"quantizer {kind!r} takes no argument(s) {sorted(unknown)}; it takes {sorted(accepted)} "
+                         "(to switch quantizer, replace its arguments: '~tokenizer.model.quantizer_args' "
+                         "'+tokenizer.model.quantizer_args={...}')")
+    return cls(num_codes=num_codes, dim=dim, **(args or {}))

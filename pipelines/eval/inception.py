@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pipelines.checkpoint import atomic_write
+from pipelines.errors import UserError
+from pipelines.util import atomic_write
 
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
 TORCH_FIDELITY_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{TORCH_FIDELITY_FILE}"
@@ -36,11 +37,11 @@ NUM_CONV_GROUPS = 94  # conv + batch-norm groups in the TF Inception, = torch-fi
 POOL_DIM, NUM_LOGITS = 2048, 1008
 
 
-class InceptionWeightsMissing(FileNotFoundError):
+class InceptionWeightsMissing(UserError, FileNotFoundError):
     """The FID Inception weights are not on disk (and cannot be downloaded); the message says how to make them."""
 
 
-class InceptionConversionError(RuntimeError):
+class InceptionConversionError(UserError, RuntimeError):
     """The TorchScript port could not be converted, or the converted weights do not reproduce its features."""
 
 

@@ -1,4 +1,5 @@
-"""The evaluation modes behind ``tools/fid.py``: samples vs reference, tokenizer reconstructions, generation, demo.
+"""The protocol modes behind ``tools/fid.py``: samples vs reference, tokenizer reconstructions, generation
+(``demo.py`` adds the demo mode on top).
 
 Every mode fills a ``Report`` (metric -> value, or unavailable with the reason), prints it as a table, appends
 it with the full config to ``results.jsonl``, and (recon, gen, demo) writes it as JSON beside the checkpoint.
@@ -26,12 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipelines.checkpoint import atomic_write, load_tokenizer
 from pipelines.data import ImageFolderDataset
-from pipelines.demo_classifier import ClassifierConfig, load_or_train, per_class_accuracy
-from pipelines.images import to_uint8
-from pipelines.inception import InceptionFeatures, find_inception_weights
-from pipelines.metrics import (
+from pipelines.eval.inception import InceptionFeatures, find_inception_weights
+from pipelines.eval.metrics import (
     FeatureStats,
     ImageArrayError,
     ImageSet,
@@ -46,7 +44,10 @@ from pipelines.metrics import (
     save_images_npz,
     save_stats,
 )
-from pipelines.recon_eval import evaluate_reconstruction
+from pipelines.eval.recon import evaluate_reconstruction
+from pipelines.images import to_uint8
+from pipelines.util import atomic_write, evenly_spaced, pick_device, save_npz
+from tokenizer.model import load_tokenizer
 from tokenizer.perceptual import VGG16_FILE, PerceptualWeightsMissing, build_perceptual
 
 INCEPTION_FEATURES = "inception-v3-tf-2015-12-05/pool3"
@@ -72,22 +73,6 @@ class Report:
         text = format_table(list(self.metrics.items()), self.title)
         notes = [f"  {k}: unavailable - {why}" for k, why in self.unavailable.items()]
         return text + ("\n" + "\n".join(notes) if notes else "")
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: this process's device under Accelerate (its GPU in a multi-GPU launch), else the CPU."""
-    if name == "auto":
-        from accelerate import PartialState
-
-        return PartialState().device
-    return torch.device(name)
-
-
-def evenly_spaced(n: int, k: int | None) -> list[int]:
-    """``k`` indices spread over ``range(n)`` (all when k is None or >= n); class-sorted lists keep every class."""
-    if k is None or k >= n:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
 
 
 class Features:
@@ -179,7 +164,7 @@ def generation_metrics(cfg: DictConfig, report: Report, pool: Tensor, logits: Te
             report.add(f"{prefix}recall", recall)
 
 
-def _subset(images: ImageSet | FeatureStats, k: int | None) -> ImageSet | FeatureStats:
+def spread_subset(images: ImageSet | FeatureStats, k: int | None) -> ImageSet | FeatureStats:
     if isinstance(images, FeatureStats) or k is None or k >= len(images):
         return images
     return images.subset(evenly_spaced(len(images), k))
@@ -214,8 +199,8 @@ def run_samples(cfg: DictConfig, device: torch.device) -> dict | None:
         samples = open_images(cfg.samples, cfg.resolution)
         if isinstance(samples, FeatureStats):
             raise ImageArrayError(f"samples={cfg.samples} holds statistics, not images")
-        samples = _subset(samples, cfg.max_images)
-    ref = _subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
+        samples = spread_subset(samples, cfg.max_images)
+    ref = spread_subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
     need_ref_features = samples is not None and "prc" in cfg.metrics
     ref_stats, ref_pool, origin = reference_stats(cfg, feats, ref, need_ref_features)
     print(f"reference {cfg.ref}: {ref_stats.num or 'unknown number of'} images, {origin}")
@@ -272,8 +257,9 @@ class _ReconCollector:
 
 
 def recon_metrics(cfg: DictConfig, device: torch.device, report: Report, feats: Features | None,
-                  classifier: Any = None, class_names: list[str] | None = None) -> dict[str, Any]:
-    """Reconstruct ``data/split`` through ``tokenizer``: PSNR, SSIM, LPIPS, utilisation, rFID (+ demo classifier)."""
+                  extra: dict[str, Callable[[Tensor], dict[str, Tensor | None]]] | None = None) -> _ReconCollector:
+    """Reconstruct ``data/split`` through ``tokenizer``: PSNR, SSIM, LPIPS, utilisation, rFID. ``extra`` feature
+    extractors (e.g. the demo classifier) also see both sides; their outputs are in the returned collector."""
     model = load_tokenizer(cfg.tokenizer, device)
     dataset = ImageFolderDataset(cfg.data, cfg.split, model.cfg.resolution)
     keep = evenly_spaced(len(dataset), cfg.max_images)
@@ -290,8 +276,7 @@ def recon_metrics(cfg: DictConfig, device: torch.device, report: Report, feats: 
         if cache is not None and cache.is_file():
             cached = cache
             skip_real.add("inception")
-    if classifier is not None:
-        extractors["classifier"] = classifier.classify
+    extractors |= extra or {}
     hook = _ReconCollector(extractors, skip_real)
     perceptual = _lpips_module(cfg, report, device)
     result = evaluate_reconstruction(model, subset, batch_size=cfg.batch_size, device=device,
@@ -311,19 +296,7 @@ def recon_metrics(cfg: DictConfig, device: torch.device, report: Report, feats: 
                 _write_cache(_cache_path(cfg, real_set, feats.weights), real_stats, real_pool)
         report.add("rfid", frechet_distance(feature_stats(hook.get("inception_rec_pool"), INCEPTION_FEATURES),
                                             real_stats))
-    if classifier is not None:
-        labels = torch.cat(hook.labels)
-        real_pred = hook.get("classifier_real_logits").argmax(1)
-        rec_pred = hook.get("classifier_rec_logits").argmax(1)
-        report.add("val_accuracy_real", float((real_pred == labels).float().mean()))
-        report.add("val_accuracy_recon", float((rec_pred == labels).float().mean()))
-        per = per_class_accuracy(rec_pred, labels, len(class_names or []))
-        for name, acc in zip(class_names or [], per, strict=True):
-            report.add(f"recon_accuracy/{name}", acc)
-        report.add("fd_demo_recon", frechet_distance(
-            feature_stats(hook.get("classifier_rec_features"), "demo-classifier"),
-            feature_stats(hook.get("classifier_real_features"), "demo-classifier")))
-    return result
+    return hook
 
 
 def _write_cache(path: Path | None, stats: FeatureStats, pool: Tensor) -> None:
@@ -332,12 +305,7 @@ def _write_cache(path: Path | None, stats: FeatureStats, pool: Tensor) -> None:
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "num": np.int64(stats.num), "extractor": np.str_(stats.extractor)}
     if len(pool) <= CACHE_MAX_FEATURES:
         arrays["features"] = pool.numpy()
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
+    save_npz(path, **arrays)
 
 
 def run_recon(cfg: DictConfig, device: torch.device) -> dict:
@@ -354,35 +322,40 @@ def generate_samples(cfg: DictConfig, extractors: dict[str, Callable[[Tensor], d
                      ) -> tuple[dict[str, Tensor], Tensor, Tensor | None, dict] | None:
     """``per_class`` samples of each class from the AR checkpoint, sharded over processes (Accelerate).
 
-    Work is cut into fixed batches seeded by (seed, batch index), dealt round-robin to processes, so the
-    samples do not depend on the number of processes. Returns (features, labels, images or None, AR config)
-    on the main process, None elsewhere. ``shard=False``: this process does all of it (no collectives).
+    Work is cut into fixed batches dealt round-robin to processes; every sample is seeded by (seed, class, index)
+    (``pipelines.generate``), so the samples do not depend on the number of processes and equal
+    ``tools/sample.py``'s. Returns (features, labels, images or None, AR config) on the main process, None
+    elsewhere. ``shard=False``: this process does all of it (no collectives).
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from pipelines.generate import generate_images, load_pipeline, resolve_classes
+    from pipelines.generate import (
+        SAMPLING_KEYS,
+        iter_images,
+        load_pipeline,
+        resolve_classes,
+        sample_plan,
+        sampling_recipe,
+    )
 
     state = PartialState(cpu=cfg.device == "cpu")
     device = pick_device(cfg.device)
     model, tokenizer, config = load_pipeline(cfg.ar, None, device)
     classes = resolve_classes(list(cfg.classes) if cfg.classes is not None else "all", config)
-    labels = torch.tensor([c for c in classes for _ in range(cfg.per_class)])
+    labels, indices = sample_plan(classes, cfg.per_class)
     chunks = list(range(0, len(labels), cfg.batch_size))
     rank, world = (state.process_index, state.num_processes) if shard else (0, 1)
     mine = chunks[rank::world]
-    recipe = {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-              **(config.get("generator", {}).get("sample") or {})}  # the run's sampling recipe fills the nulls
-    given = OmegaConf.to_container(cfg.sampling, resolve=True)
-    sampling = {k: (recipe.get(k) if v is None else v) for k, v in given.items()}
+    sampling = sampling_recipe({k: cfg[k] for k in SAMPLING_KEYS}, config)
     if state.is_main_process:
         print(f"sampling {cfg.per_class} per class x {len(classes)} classes: " +
               ", ".join(f"{k}={v}" for k, v in sampling.items()))
     parts: list[tuple[int, dict[str, Tensor], Tensor | None]] = []
     for start in tqdm(mine, desc=f"generate (process {rank} of {world})", disable=rank != 0):
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)
-        images = generate_images(model, tokenizer, labels[start:start + cfg.batch_size], batch_size=cfg.batch_size,
-                                 generator=gen, progress=False, **sampling)
+        part = slice(start, start + cfg.batch_size)
+        _, images = next(iter_images(model, tokenizer, labels[part], indices[part], sampling, cfg.seed,
+                                     cfg.batch_size, progress=False))
         batch = images.permute(0, 3, 1, 2)
         out: dict[str, Tensor] = {}
         for name, fn in extractors.items():
@@ -410,7 +383,7 @@ def run_gen(cfg: DictConfig, device: torch.device) -> dict | None:
     out, labels, images, ar_config = result
     if cfg.save_samples:
         print(f"samples saved to {save_images_npz(cfg.save_samples, images, labels)}")
-    ref = _subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
+    ref = spread_subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
     ref_stats, ref_pool, origin = reference_stats(cfg, feats, ref, "prc" in cfg.metrics)
     report = Report(f"{cfg.ar}: {cfg.per_class} samples per class vs {cfg.ref}")
     report.add("num_samples", len(labels))
@@ -418,58 +391,3 @@ def run_gen(cfg: DictConfig, device: torch.device) -> dict | None:
     return finish(cfg, report, Path(cfg.ar) / "gen_eval.json",
                   extra={"inception_weights": str(feats.weights), "reference": origin,
                          "sampling": ar_config["sampling_used"]})
-
-
-def run_demo(cfg: DictConfig, device: torch.device) -> dict | None:
-    """Demo metrics: classifier (trained once, cached), tokenizer half (if tokenizer=), samples half (if ar=)."""
-    root = Path(cfg.demo_data)
-    meta = root / "demo_meta.json"
-    size = json.loads(meta.read_text())["size"] if meta.is_file() else ClassifierConfig.resolution
-    ccfg = ClassifierConfig(resolution=size, epochs=cfg.classifier_epochs)
-    classifier, info = load_or_train(root, cfg.classifier, ccfg, device)
-    names: list[str] = list(info["classes"])
-    report = Report("demo metrics")
-    report.add("classifier_val_accuracy", info["val_accuracy"])
-    feats = Features(cfg, device) if "fid" in cfg.metrics else None
-    if cfg.tokenizer is not None:
-        sub = OmegaConf.merge(cfg, {"data": str(root), "split": "val"})
-        recon_metrics(sub, device, report, feats, classifier, names)
-    if cfg.ar is None and cfg.samples is None:
-        return finish(cfg, report, Path(cfg.tokenizer or cfg.classifier) / "demo_eval.json")
-
-    val = open_images(root / "val", classifier.cfg.resolution, names)  # same cache entry as the recon half
-    val = _subset(val, cfg.max_images)
-    extra: dict[str, Any] = {}
-    extractors: dict[str, Callable] = {"classifier": classifier.classify}
-    if feats is not None:
-        extractors["inception"] = feats
-    if cfg.ar is not None:
-        out, labels, images, ar_config = generate_samples(cfg, extractors, keep_images=bool(cfg.save_samples),
-                                                          shard=False)
-        extra["sampling"] = ar_config["sampling_used"]
-        if cfg.save_samples:
-            print(f"samples saved to {save_images_npz(cfg.save_samples, images, labels)}")
-    else:
-        samples = open_images(cfg.samples, None, names)
-        if isinstance(samples, FeatureStats) or samples.labels is None:
-            raise ImageArrayError(f"samples={cfg.samples} needs images with labels (npz arr_1, or class folders)")
-        out = {}
-        for name, fn in extractors.items():
-            out.update({f"{name}_{k}": v for k, v in extract_features(samples, fn, cfg.batch_size, name).items()})
-        labels = torch.from_numpy(samples.labels)
-    report.add("num_samples", len(labels))
-    if feats is not None:
-        ref_stats, ref_pool, _ = reference_stats(cfg, feats, val, "prc" in cfg.metrics, desc="demo val")
-        generation_metrics(cfg, report, out["inception_pool"], out.get("inception_logits"), ref_stats, ref_pool,
-                           prefix="sample_")
-    val_feats = extract_features(val, classifier.classify, cfg.batch_size, "classifier: demo val")
-    report.add("fd_demo", frechet_distance(feature_stats(out["classifier_features"], "demo-classifier"),
-                                           feature_stats(val_feats["features"], "demo-classifier")))
-    preds = out["classifier_logits"].argmax(1)
-    report.add("sample_accuracy", float((preds == labels).float().mean()))
-    for name, acc in zip(names, per_class_accuracy(preds, labels, len(names)), strict=True):
-        report.add(f"sample_accuracy/{name}", acc)
-    return finish(cfg, report, Path(cfg.ar or Path(cfg.samples).parent) / "demo_eval.json", extra=extra)
-
-
-MODES = {"samples": run_samples, "recon": run_recon, "gen": run_gen, "demo": run_demo}

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipelines.data import collate_images
+from pipelines.eval.metrics import ssim
 from pipelines.images import psnr, to_uint8
-from pipelines.metrics import ssim
 from tokenizer.model import IBQTokenizer
 from tokenizer.quantizer import entropy
 

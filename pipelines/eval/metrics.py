@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipelines.checkpoint import atomic_write
-from pipelines.data import IMAGE_EXTENSIONS, DatasetNotFoundError, load_rgb, resize_and_crop
+from pipelines.data import IMAGE_EXTENSIONS, DatasetNotFoundError, image_files, load_rgb, resize_and_crop
+from pipelines.errors import UserError
+from pipelines.util import save_npz
 
 
-class ImageArrayError(ValueError):
+class ImageArrayError(UserError, ValueError):
     """An image batch or statistics file with the wrong keys, shape or dtype; the message names the file."""
 
 
@@ -90,13 +91,7 @@ def save_stats(path: str | Path, stats: FeatureStats) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_suffix(path.suffix + ".npz")
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=stats.mu, sigma=stats.sigma, num=np.int64(stats.num), extractor=np.str_(stats.extractor))
-
-    atomic_write(path, write)
-    return path
+    return save_npz(path, mu=stats.mu, sigma=stats.sigma, num=np.int64(stats.num), extractor=np.str_(stats.extractor))
 
 
 def _stats_from_npz(data: Any, path: Path) -> FeatureStats:
@@ -230,13 +225,6 @@ class ImageSet:
             yield torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2)
 
 
-def list_image_files(directory: Path) -> list[Path]:
-    files = sorted(f for f in directory.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {directory}")
-    return files
-
-
 def open_images(spec: str | Path, resolution: int | None = None,
                 class_names: Sequence[str] | None = None) -> ImageSet | FeatureStats:
     """An image folder, an ADM-layout ``.npz`` of images, or an ``.npz`` of statistics (returned as FeatureStats).
@@ -246,7 +234,9 @@ def open_images(spec: str | Path, resolution: int | None = None,
     """
     path = Path(spec)
     if path.is_dir():
-        files = list_image_files(path)
+        files = image_files(path)
+        if not files:
+            raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
         parents = [f.parent.name for f in files]
         labels = None
         if any(f.parent != path for f in files):
@@ -294,13 +284,7 @@ def save_images_npz(path: str | Path, images: np.ndarray | Tensor, labels: np.nd
     arrays = {"arr_0": images}
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels, dtype=np.int64)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
-    return Path(path)
+    return save_npz(path, **arrays)
 
 
 @torch.no_grad()

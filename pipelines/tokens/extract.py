@@ -1,8 +1,8 @@
 """Tokenize an ImageFolder split once into token shards, so stage two never touches images or the tokenizer.
 
-    python -m pipelines.extract_tokens                                   # demo: runs/tokenizer_demo on data/demo train
-    python -m pipelines.extract_tokens variants.ten_crop=true shard_size=500 out_dir=runs/tokens_demo_tc
-    accelerate launch --multi_gpu --num_processes 8 -m pipelines.extract_tokens data=imagenet \
+    python -m pipelines.tokens.extract                                   # demo: runs/tokenizer_demo on data/demo train
+    python -m pipelines.tokens.extract variants.ten_crop=true shard_size=500 out_dir=runs/tokens_demo_tc
+    accelerate launch --multi_gpu --num_processes 8 -m pipelines.tokens.extract data=imagenet \
         data.root=/data/imagenet tokenizer_ckpt=runs/tokenizer_imagenet_256 out_dir=runs/tokens_imagenet \
         shard_size=10000 mixed_precision=bf16
 
@@ -14,16 +14,7 @@ Output directory::
     shard_00001.safetensors        images [S, 2S) ...
     parts/                         per-shard records (count, sha256) that make resume and the merge work
 
-Each shard is one safetensors file with ``tokens`` (n, V, h, w) in uint16 (codebooks up to 65,536 codes)
-or int32 (larger), ``labels`` (n,) int32 and ``indices`` (n,) int64 (position of the source image in the
-sorted listing of ``<root>/<split>``). V is the number of augmentation variants (``manifest.variants``:
-centre crop, its horizontal flip, LlamaGen's ten crops).
-
-Why safetensors and not .npy: one shard is one file, so "complete" is one atomic rename and one checksum,
-where .npy would need three files per shard (tokens, labels, indices) that can get out of step. The
-format is a JSON header plus raw little-endian C-order arrays, so the reader memory-maps each array with
-``np.memmap`` at the offset the header gives (zero copy, random access, uint16 included, which torch
-itself handles poorly), it loads no code (unlike pickle), and every framework can read it.
+The format (arrays, dtypes, manifest) is defined in ``pipelines/tokens/shards.py``.
 
 Why results do not depend on the number of processes: shard k always holds images [k*S, (k+1)*S), in
 batches cut at the same places; process r tokenizes shards r, r+W, r+2W, ... and writes them itself, and
@@ -45,41 +36,63 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from omegaconf import DictConfig
-from safetensors.numpy import save_file
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipelines.checkpoint import atomic_write, load_config, load_tokenizer, weights_hash
-from pipelines.cli import user_errors_exit
-from pipelines.data import (
+from pipelines.checkpoint import load_config, weights_hash
+from pipelines.cli import entry_point
+from pipelines.data import load_rgb_or_skip, resize_and_crop, scan_image_folder
+from pipelines.tokens.shards import (
     MANIFEST_FILE,
     TOKEN_SHARD_FORMAT,
+    ShardManifest,
     ShardMismatchError,
-    file_sha256,
-    load_rgb_or_skip,
-    scan_image_folder,
-    token_variant_names,
-    token_views,
+    shard_name,
+    token_dtype,
+    write_shard,
 )
-from tokenizer.model import IBQTokenizer
+from pipelines.util import atomic_write_text, file_sha256
+from tokenizer.model import IBQTokenizer, load_tokenizer
 
 PARTS_DIR, SETTINGS_FILE = "parts", "settings.json"
 
 
-def token_dtype(num_codes: int) -> np.dtype:
-    """uint16 holds ids of codebooks up to 2^16 codes; larger ones (2^18 ...) use int32."""
-    return np.dtype(np.uint16) if num_codes <= 1 << 16 else np.dtype(np.int32)
+TEN_CROP_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 
 
-def shard_name(k: int) -> str:
-    return f"shard_{k:05d}.safetensors"
+def token_variant_names(flip: bool, ten_crop: bool) -> list[str]:
+    """Names of the stored views of each image, in storage order. Variant 0 is always the plain centre
+    crop (the tokenizer's own eval transform); ten-crop adds LlamaGen's 10 views of a slightly larger
+    resize (4 corners + centre, then the same 5 flipped)."""
+    names = ["center"] + (["center_hflip"] if flip else [])
+    if ten_crop:
+        names += [f"tencrop_{n}" for n in TEN_CROP_NAMES] + [f"tencrop_{n}_hflip" for n in TEN_CROP_NAMES]
+    return names
+
+
+def token_views(img: Image.Image, resolution: int, flip: bool = False, ten_crop: bool = False,
+                ten_crop_scale: float = 1.1) -> Tensor:
+    """All variants of one image as (V, 3, R, R) in [-1, 1], ordered as ``token_variant_names``.
+
+    The centre crop is ``resize_and_crop`` exactly (shorter side -> R, bicubic, centre crop), so tokens of
+    variant 0 equal what the tokenizer saw at evaluation. Ten-crop follows LlamaGen's extract_codes: centre
+    crop at ``R * ten_crop_scale``, then ``TenCrop(R)``.
+    """
+    center = resize_and_crop(img, resolution, None)
+    views = [center] + ([torch.flip(center, dims=[-1])] if flip else [])
+    if ten_crop:
+        big = resize_and_crop(img, round(resolution * ten_crop_scale), None)
+        crops = list(TF.ten_crop(big, [resolution, resolution]))  # 5 crops, then the same 5 of the flip
+        views += crops
+    return torch.stack(views)
 
 
 class _ViewDataset(Dataset):
@@ -141,7 +154,7 @@ def _check_previous(out: Path, settings: dict[str, Any]) -> None:
     path = out / PARTS_DIR / SETTINGS_FILE
     previous = json.loads(path.read_text()) if path.exists() else None
     if previous is None and (out / MANIFEST_FILE).exists():
-        previous = json.loads((out / MANIFEST_FILE).read_text()).get("settings")
+        previous = ShardManifest.read(out).settings
     if previous is not None and previous != settings:
         diff = ", ".join(f"{k}: {previous.get(k)} -> {settings.get(k)}" for k in sorted(set(previous) | set(settings))
                          if previous.get(k) != settings.get(k))
@@ -175,23 +188,15 @@ def _complete(out: Path, k: int) -> bool:
 def _write_shard(out: Path, k: int, parts: dict[str, list], settings: dict[str, Any]) -> dict[str, Any]:
     """Shard to a temp name, rename, then its record (so a record always describes a complete file)."""
     h, w = settings["grid"]
-    dtype = np.dtype(settings["dtype"])
-    arrays = {
-        "tokens": np.concatenate(parts["tokens"]) if parts["tokens"] else
-        np.zeros((0, len(settings["variants"]), h, w), dtype),
-        "labels": np.concatenate(parts["labels"]) if parts["labels"] else np.zeros(0, np.int32),
-        "indices": np.concatenate(parts["indices"]) if parts["indices"] else np.zeros(0, np.int64),
-    }
+    empty = {"tokens": np.zeros((0, len(settings["variants"]), h, w), np.dtype(settings["dtype"])),
+             "labels": np.zeros(0, np.int32), "indices": np.zeros(0, np.int64)}
+    arrays = {name: np.concatenate(parts[name]) if parts[name] else empty[name] for name in empty}
     start = k * settings["shard_size"]
     end = min(settings["num_source_images"], start + settings["shard_size"])
-    path = out / shard_name(k)
-    # One metadata key: safetensors stores the metadata map in hash order, which would vary between runs.
-    meta = {"format": f"{TOKEN_SHARD_FORMAT} images [{start}, {end})"}
-    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
-    rec = {"file": path.name, "start": start, "end": end, "count": len(arrays["labels"]),
-           "bytes": path.stat().st_size, "sha256": file_sha256(path), "skipped": sorted(parts["skipped"])}
-    text = json.dumps(rec, indent=1)
-    atomic_write(out / PARTS_DIR / f"{path.name}.json", lambda tmp: Path(tmp).write_text(text))
+    rec = write_shard(out / shard_name(k), **arrays, description=f"images [{start}, {end})")
+    rec = {"file": rec["file"], "start": start, "end": end, **{key: rec[key] for key in ("count", "bytes", "sha256")},
+           "skipped": sorted(parts["skipped"])}
+    atomic_write_text(out / PARTS_DIR / f"{shard_name(k)}.json", json.dumps(rec, indent=1))
     return rec
 
 
@@ -224,8 +229,7 @@ def extract(cfg: DictConfig) -> dict[str, Any] | None:
     if accelerator.is_main_process:
         for f in out.glob(".shard_*.tmp"):  # left by a killed run
             f.unlink()
-        text = json.dumps(settings, indent=1)
-        atomic_write(out / PARTS_DIR / SETTINGS_FILE, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(out / PARTS_DIR / SETTINGS_FILE, json.dumps(settings, indent=1))
     accelerator.wait_for_everyone()
 
     # Round-robin shards over processes; each shard is cut into the same batches whatever the world size.
@@ -279,47 +283,36 @@ def extract(cfg: DictConfig) -> dict[str, Any] | None:
         print(f"stopped with {done}/{num_shards} shards complete; run the same command again to resume")
         return None
     manifest = _manifest(cfg, settings, records, classes, samples, tok_dir)
-    text = json.dumps(manifest, indent=1)
-    atomic_write(out / MANIFEST_FILE, lambda tmp: Path(tmp).write_text(text))
+    manifest.write(out)
     images_done = sum(t[0] for t in totals)
     stats = {"images_per_s": images_done / seconds if images_done else 0.0, "seconds": seconds,
              "images_this_run": images_done, "shards_written": sum(t[1] for t in totals),
              "shards_resumed": sum(t[2] for t in totals),
-             "bytes": sum(r["bytes"] for r in records), "tokens": manifest["num_tokens"]}
+             "bytes": sum(r["bytes"] for r in records), "tokens": manifest.num_tokens}
     speed = f"{stats['images_per_s']:.1f} images/s over {world} process(es)" if images_done else "nothing left to do"
     print(f"[tokens] {num_shards} shards ({stats['shards_written']} written, {stats['shards_resumed']} already "
-          f"complete) | {manifest['num_images']} images x {len(variants)} variants = {manifest['num_tokens']:,} "
-          f"tokens ({h}x{w}, {dtype.name}) | {len(manifest['skipped'])} skipped | {speed} | "
-          f"{stats['bytes'] / max(1, manifest['num_images']):.0f} bytes/image | {out / MANIFEST_FILE}")
-    return {**manifest, "stats": stats}
+          f"complete) | {manifest.num_images} images x {len(variants)} variants = {manifest.num_tokens:,} "
+          f"tokens ({h}x{w}, {dtype.name}) | {len(manifest.skipped)} skipped | {speed} | "
+          f"{stats['bytes'] / max(1, manifest.num_images):.0f} bytes/image | {out / MANIFEST_FILE}")
+    return {**json.loads(manifest.to_json()), "stats": stats}
 
 
 def _manifest(cfg: DictConfig, settings: dict[str, Any], records: list[dict], classes: list[str],
-              samples: list[tuple[str, int]], tok_dir: Path) -> dict[str, Any]:
-    """Deterministic (no times, no process count), so reruns and any world size give the same file."""
+              samples: list[tuple[str, int]], tok_dir: Path) -> ShardManifest:
     h, w = settings["grid"]
     num_images = sum(r["count"] for r in records)
-    skipped = [{"index": i, "path": samples[i][0]} for r in records for i in r["skipped"]]
-    return {
-        "format": TOKEN_SHARD_FORMAT,
-        "num_images": num_images,
-        "num_tokens": num_images * len(settings["variants"]) * h * w,
-        "num_codes": settings["num_codes"], "grid": [h, w], "dtype": settings["dtype"],
-        "variants": settings["variants"], "resolution": settings["resolution"],
-        "classes": list(classes), "num_classes": len(classes),
-        "tokenizer_hash": settings["tokenizer_hash"], "tokenizer_path": str(tok_dir),
-        "dataset": {"root": str(cfg.data.root), "split": str(cfg.split)},
-        "shard_size": settings["shard_size"], "num_shards": len(records),
-        "shards": [{k: r[k] for k in ("file", "start", "end", "count", "bytes", "sha256")} for r in records],
-        "skipped": skipped,
-        "settings": settings,
-    }
+    return ShardManifest(
+        num_images=num_images, num_tokens=num_images * len(settings["variants"]) * h * w,
+        num_codes=settings["num_codes"], grid=[h, w], dtype=settings["dtype"], variants=settings["variants"],
+        resolution=settings["resolution"], classes=list(classes), num_classes=len(classes),
+        tokenizer_hash=settings["tokenizer_hash"], tokenizer_path=str(tok_dir),
+        dataset={"root": str(cfg.data.root), "split": str(cfg.split)}, shard_size=settings["shard_size"],
+        num_shards=len(records),
+        shards=[{k: r[k] for k in ("file", "start", "end", "count", "bytes", "sha256")} for r in records],
+        skipped=[{"index": i, "path": samples[i][0]} for r in records for i in r["skipped"]], settings=settings)
 
 
-@hydra.main(config_path="../conf", config_name="extract_tokens", version_base=None)
-@user_errors_exit
-def main(cfg: DictConfig) -> None:
-    extract(cfg)
+main = entry_point("extract_tokens", extract)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ No downloaded weights are involved: the classifier is trained here, once, on the
 minute) and cached (``model.safetensors`` + ``config.yaml``). The cache is reused while the dataset's
 ``demo_meta.json`` and the training settings are unchanged. Its pooled features (``features``) also give
 ``fd_demo``, a Fréchet distance that is NOT FID (different network, different features).
-CLI: ``python tools/demo_classifier.py``.
+CLI: ``python tools/demo_classifier.py data=data/demo out=runs/demo_classifier`` (``main`` below).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pipelines.checkpoint import MODEL_FILE, load_model, save_model
+from pipelines.cli import entry_point
 from pipelines.data import DatasetNotFoundError, load_rgb, resize_and_crop, scan_image_folder
 from pipelines.images import to_uint8
 
@@ -196,3 +198,18 @@ def load_or_train(root: str | Path, cache_dir: str | Path = "runs/demo_classifie
     model, summary = train_classifier(root, cfg, device)
     save_model(cache_dir, model.state_dict(), {"key": key, "model": asdict(model.cfg), "summary": summary})
     return model, {**summary, "cached": False}
+
+
+def report(cfg: DictConfig) -> None:
+    ccfg = ClassifierConfig(resolution=cfg.resolution, epochs=cfg.epochs, seed=cfg.seed)
+    _, summary = load_or_train(cfg.data, cfg.out, ccfg, retrain=cfg.retrain)
+    how = "cached" if summary["cached"] else f"trained in {summary['train_seconds']} s"
+    print(f"demo classifier ({how}) -> {cfg.out}: val accuracy {summary['val_accuracy']:.2%} "
+          f"on {summary['val_images']} images")
+
+
+main = entry_point("demo_classifier", report, tool=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Sample class-conditional images: AR generator -> tokens -> tokenizer decoder -> PNGs (and an npz).
+
+    python tools/sample.py class=207
+    python tools/sample.py ckpt=runs/ar_B class=[1,2,3] n=16 cfg=2.0 temperature=1.0 top_k=0 top_p=1.0 seed=0
+    python tools/sample.py class=all n=50 save_npz=true save_png=false      # for the ADM FID evaluator
+
+Writes ``<out>/grid.png`` (one row per class), ``<out>/images/<class>_<name>_<i>.png`` and, with
+``save_npz=true``, ``<out>/samples.npz`` (``arr_0``: uint8 N x H x W x 3, ``labels``: N), streamed to
+disk batch by batch so 50,000 samples need no more memory than one batch. Unset sampling options
+(cfg, temperature, top_k, top_p) come from the generator config's ``sample`` section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.cli import entry_point
+from pipelines.generate import SAMPLING_KEYS, iter_images, load_pipeline, resolve_classes, sample_plan, sampling_recipe
+from pipelines.images import save_png, save_rows
+from pipelines.util import pick_device, save_npz
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def sample(cfg: DictConfig) -> dict:
+    ckpt = cfg.ckpt
+    if ckpt is None:
+        ckpt = cfg.demo_ckpt
+        print(f"no ckpt= given: using the demo run {ckpt}")
+    device = pick_device(cfg.device)
+    model, tokenizer, config = load_pipeline(ckpt, cfg.tokenizer, device)
+    spec = cfg["class"]
+    classes = resolve_classes(OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec, config)
+    names = list(config.get("classes") or [str(c) for c in range(model.cfg.num_classes)])
+    opts = sampling_recipe({k: cfg[k] for k in SAMPLING_KEYS}, config)
+    labels, indices = sample_plan(classes, cfg.n)
+    out = Path(cfg.out or Path(ckpt) / "samples")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    print(f"sampling {cfg.n} x {len(classes)} class(es) {classes} | cfg {opts['cfg']} ({opts['cfg_schedule']}) "
+          f"temperature {opts['temperature']} top_k {opts['top_k']} top_p {opts['top_p']} seed {cfg.seed} | {device}")
+
+    npy = None
+    shown: dict[int, list[torch.Tensor]] = {c: [] for c in classes}
+    done = 0
+    counts = dict.fromkeys(classes, 0)
+    for chunk, images in iter_images(model, tokenizer, labels, indices, opts, cfg.seed, cfg.batch_size, cfg.use_cache):
+        if cfg.save_npz and npy is None:
+            npy = np.lib.format.open_memmap(out / ".samples_arr_0.npy", mode="w+", dtype=np.uint8,
+                                            shape=(len(labels), *images.shape[1:]))
+        if npy is not None:
+            npy[done:done + len(images)] = images.numpy()
+        for c, img in zip(chunk.tolist(), images, strict=True):
+            if cfg.save_png:
+                save_png(img, out / "images" / f"{c:04d}_{_safe(names[c])}_{counts[c]:03d}.png")
+            counts[c] += 1
+            if len(shown[c]) < cfg.grid_max_per_class:
+                shown[c].append(img)
+        done += len(images)
+
+    rows = [torch.stack(shown[c]).permute(0, 3, 1, 2).float() / 127.5 - 1 for c in classes]
+    save_rows(rows, out / "grid.png")
+    written = [f"{out / 'grid.png'} (one row per class)"]
+    if cfg.save_png:
+        written.append(f"{len(labels)} PNGs in {out / 'images'}/")
+    if npy is not None:
+        npy.flush()
+        del npy
+        save_npz(out / "samples.npz", arr_0=np.load(out / ".samples_arr_0.npy", mmap_mode="r"), labels=labels.numpy())
+        (out / ".samples_arr_0.npy").unlink()
+        written.append(f"{out / 'samples.npz'} (arr_0: uint8 {len(labels)} x H x W x 3)")
+    print("wrote " + ", ".join(written))
+    return {"out": str(out), "classes": classes, "num_samples": len(labels), **opts}
+
+
+main = entry_point("sample", sample, tool=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""What every trainer shares: the step/epoch bookkeeping, checkpoint + exact resume, the lr hook, the loop.
+
+A trainer (``pipelines/train/tokenizer.py``, ``pipelines/train/ar.py``) builds its models and optimizers,
+defines ``micro_step`` (one batch: forward, backward, optimizer steps) and ``on_step`` (after each optimizer
+step: EMA, logging, checkpoints), and hands them to ``run_loop``. Resume is exact because everything random is a
+function of (seed, epoch, index) or restored from the saved RNG state, and the lr is a function of the step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from pipelines.checkpoint import (
+    TRAIN_STATE_DIR,
+    capture_rng,
+    load_train_state,
+    restore_rng,
+    save_model,
+    save_train_state,
+)
+from pipelines.data import EpochBatchSampler
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished run leaves in memory (on every process): the final weights and the last metrics."""
+
+    model: torch.nn.Module
+    ema_model: torch.nn.Module | None
+    step: int
+    metrics: dict[str, Any] = field(default_factory=dict)  # main process only
+    discriminator: torch.nn.Module | None = None
+
+
+@dataclass
+class Progress:
+    """Where training stands: optimizer steps done, the epoch and the batches already seen in it.
+
+    ``begin_epoch`` makes the sampler skip the batches seen before an interruption (mid-epoch resume);
+    ``advance`` counts one optimizer step and rolls over to the next epoch after ``steps_per_epoch``.
+    """
+
+    steps_per_epoch: int
+    max_steps: int
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    @classmethod
+    def plan(cls, sampler: EpochBatchSampler, grad_accum: int, epochs: float | None, max_steps: int) -> Progress:
+        """``max_steps`` = ``epochs`` x steps per epoch when epochs is set, else ``max_steps``."""
+        steps_per_epoch = len(sampler) // grad_accum
+        if steps_per_epoch == 0:
+            raise ValueError(f"one epoch ({len(sampler)} batches) is shorter than grad_accum={grad_accum}")
+        return cls(steps_per_epoch, int(epochs * steps_per_epoch) if epochs else int(max_steps))
+
+    def begin_epoch(self, sampler: EpochBatchSampler, grad_accum: int) -> None:
+        sampler.set_epoch(self.epoch, skip_batches=self.batch_in_epoch * grad_accum)
+
+    def advance(self) -> bool:
+        """One optimizer step done; True when it ended an epoch."""
+        self.step += 1
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch == self.steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+def lr_setter(optimizers: Iterable[tuple[torch.optim.Optimizer, float]],
+              factor: Callable[[int], float]) -> Callable[[int], float]:
+    """The lr hook: ``set_lr(step)`` gives every group ``base_lr * factor(step) * group['lr_mult']`` (default 1)
+    and returns the first optimizer's lr. A pure function of the step, so resuming needs no scheduler state."""
+    optimizers = list(optimizers)
+
+    def set_lr(step: int) -> float:
+        f = factor(step)
+        for opt, base in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = base * f * group.get("lr_mult", 1.0)
+        return optimizers[0][1] * f
+
+    return set_lr
+
+
+class Checkpointer:
+    """Owns ``train_state/``: saves it (with every process's RNG state) and ``model.safetensors`` + ``config.yaml``,
+    and resumes from it. Under FSDP the sharded state goes through ``accelerator.save_state``."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, config: dict[str, Any], fsdp: bool = False) -> None:
+        self.accelerator, self.run_dir, self.config, self.fsdp = accelerator, run_dir, config, fsdp
+        self.fsdp_dir = run_dir / TRAIN_STATE_DIR / "fsdp"
+
+    def resume(self, progress: Progress) -> dict[str, Any] | None:
+        """Restore progress and this process's RNG; returns the saved state (None: fresh start, or FSDP)."""
+        acc = self.accelerator
+        if self.fsdp:
+            if self.fsdp_dir.exists():
+                acc.load_state(str(self.fsdp_dir))
+                progress.load_state_dict(json.loads((self.fsdp_dir.parent / "fsdp_step.json").read_text()))
+            return None
+        state = load_train_state(self.run_dir)
+        if state is None:
+            if acc.is_main_process:
+                print(f"resume=true but {self.run_dir}/{TRAIN_STATE_DIR} does not exist yet: starting from scratch")
+            return None
+        if len(state["rng"]) != acc.num_processes:
+            raise ValueError(f"{self.run_dir}/{TRAIN_STATE_DIR} was saved by {len(state['rng'])} process(es); resume "
+                             f"it with the same number (got {acc.num_processes}) to continue exactly")
+        progress.load_state_dict(state)
+        restore_rng(state["rng"][acc.process_index])
+        return state
+
+    def save(self, progress: Progress, state: Callable[[], dict[str, Any]], weights: dict[str, torch.Tensor]) -> None:
+        """``state()`` (models, optimizers, ...) is only called on the main process; every process must call this."""
+        acc = self.accelerator
+        if self.fsdp:
+            acc.save_state(str(self.fsdp_dir))
+        rng = gather_object([capture_rng()])
+        if acc.is_main_process:
+            if self.fsdp:
+                (self.fsdp_dir.parent / "fsdp_step.json").write_text(json.dumps(progress.state_dict()))
+            else:
+                save_train_state(self.run_dir, {**state(), **progress.state_dict(), "rng": rng})
+            save_model(self.run_dir, weights, self.config)
+        acc.wait_for_everyone()
+
+
+class Window:
+    """Logged terms summed on their device between two log steps (no host sync per step; ``.item()`` at log time)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n, self.t0 = 0, time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
+
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        """Means over the window and over processes; also ``seconds`` since the last reset. Resets the window."""
+        names = sorted(self.sums)
+        out: dict[str, float] = {"seconds": time.perf_counter() - self.t0, "micro_batches": float(self.n)}
+        if names:
+            stacked = torch.stack([self.sums[k] / self.n for k in names]).to(accelerator.device)
+            out |= dict(zip(names, accelerator.reduce(stacked, "mean").tolist(), strict=True))
+        self.reset()
+        return out
+
+
+def run_loop(accelerator: Accelerator, loader: Iterable, sampler: EpochBatchSampler, progress: Progress,
+             grad_accum: int, end_step: int, set_lr: Callable[[int], float],
+             micro_step: Callable[[Any, float], bool], on_step: Callable[[float], None], desc: str) -> None:
+    """Iterate epochs until ``end_step``: ``micro_step(batch, lr)`` per batch (False = batch skipped), and after
+    each optimizer step (once the gradient-accumulation window closes) ``progress.advance()`` then ``on_step(lr)``."""
+    bar = tqdm(total=end_step, initial=progress.step, disable=not accelerator.is_main_process, desc=desc,
+               dynamic_ncols=True)
+    while progress.step < end_step:
+        progress.begin_epoch(sampler, grad_accum)
+        for batch in loader:
+            lr = set_lr(progress.step)
+            if not micro_step(batch, lr) or not accelerator.sync_gradients:
+                continue
+            epoch_done = progress.advance()
+            bar.update(1)
+            on_step(lr)
+            if progress.step >= end_step or epoch_done:
+                break
+    bar.close()

@@ -1,0 +1,200 @@
+"""Train an IBQ tokenizer (stage one). One script for one CPU, one GPU, or many under `accelerate launch`.
+
+    python -m pipelines.train.tokenizer                                  # CPU demo (= make train-tokenizer)
+    accelerate launch --multi_gpu --num_processes 8 -m pipelines.train.tokenizer \
+        +experiment=imagenet_256 data.root=/data/imagenet
+
+Each step updates the discriminator first (once the GAN is on), then the autoencoder, then the EMA.
+The run directory holds the checkpoint (EMA weights in ``model.safetensors`` + ``config.yaml``), the
+resumable ``train_state/``, ``metrics.jsonl``, TensorBoard events and reconstruction grids.
+The loop, resume and lr hook are ``pipelines/train/loop.py``; this file builds the models and defines the step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast, set_seed
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.checkpoint import save_config
+from pipelines.cli import entry_point
+from pipelines.data import EpochBatchSampler, ImageFolderDataset, collate_images, make_loader, save_class_index
+from pipelines.ema import EMA
+from pipelines.eval.recon import evaluate_reconstruction
+from pipelines.images import save_rows
+from pipelines.run_log import RunLogger
+from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, lr_setter, run_loop
+from pipelines.util import evenly_spaced
+from tokenizer.discriminator import PatchDiscriminator
+from tokenizer.losses import LossConfig, TokenizerLoss
+from tokenizer.model import IBQTokenizer, TokenizerConfig
+from tokenizer.perceptual import build_perceptual
+
+
+def lr_factor(step: int, warmup_steps: int, milestones_steps: list[int], decay: float) -> float:
+    """Linear warm-up, then multiply by ``decay`` at each milestone passed."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return warm * decay ** sum(step >= m for m in milestones_steps)
+
+
+def train(cfg: DictConfig) -> TrainOutcome:
+    """Run (or resume) training as configured."""
+    t = cfg.train
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                              cpu=t.cpu)
+    set_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    # Models, loss, optimizers.
+    model_cfg = TokenizerConfig.from_dict(config["tokenizer"]["model"])
+    loss_cfg = LossConfig(**config["tokenizer"]["loss"])
+    perceptual = build_perceptual(loss_cfg.perceptual, loss_cfg.vgg_weights) if loss_cfg.perceptual_weight > 0 \
+        else None
+    model = IBQTokenizer(model_cfg)
+    disc = PatchDiscriminator(base_channels=loss_cfg.disc_channels, num_layers=loss_cfg.disc_layers)
+    criterion = TokenizerLoss(loss_cfg, perceptual).to(accelerator.device)
+    ema = EMA(model, t.ema_decay)
+    ema.model.to(accelerator.device)
+    codebook = list(model.quantizer.codebook_parameters())
+    rest = [p for p in model.parameters() if all(p is not c for c in codebook)]
+    opt_ae = torch.optim.Adam([{"params": rest, "lr_mult": 1.0},
+                               {"params": codebook, "lr_mult": t.codebook_lr_mult}],
+                              lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=t.disc_lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+    # Data: our own sampler shards batches across processes and makes resume exact.
+    d = cfg.data
+    train_set = ImageFolderDataset(d.root, d.train_split, d.resolution, d.on_corrupt, seed=cfg.seed)
+    sampler = EpochBatchSampler(len(train_set), t.batch_size, accelerator.process_index,
+                                accelerator.num_processes, seed=cfg.seed)
+    loader = make_loader(train_set, sampler, d.num_workers)
+    progress = Progress.plan(sampler, t.grad_accum, t.epochs, t.max_steps)
+    milestones = [int(e * progress.steps_per_epoch) for e in t.lr_milestones]
+    set_lr = lr_setter([(opt_ae, t.lr), (opt_d, t.disc_lr)],
+                       lambda step: lr_factor(step, t.warmup_steps, milestones, t.lr_decay))
+
+    model, disc, opt_ae, opt_d = accelerator.prepare(model, disc, opt_ae, opt_d)
+    raw_model, raw_disc = accelerator.unwrap_model(model), accelerator.unwrap_model(disc)
+
+    checkpointer = Checkpointer(accelerator, run_dir, config)
+    state = checkpointer.resume(progress) if cfg.resume else None
+    if state is not None:
+        raw_model.load_state_dict(state["model"])
+        raw_disc.load_state_dict(state["disc"])
+        ema.load_state_dict(state["ema"])
+        criterion.load_state_dict(state["criterion"], strict=False)
+        opt_ae.load_state_dict(state["opt_ae"])
+        opt_d.load_state_dict(state["opt_d"])
+
+    logger = RunLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir)
+        save_class_index(train_set.classes, run_dir / "class_index.json")
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"tokenizer {n_params / 1e6:.1f}M params | {len(train_set)} train images | "
+              f"{progress.steps_per_epoch} steps/epoch | {progress.max_steps} steps | {accelerator.num_processes} "
+              f"process(es) on {accelerator.device} | run dir {run_dir}")
+
+    val_set = ImageFolderDataset(d.root, d.val_split, d.resolution, d.on_corrupt, seed=cfg.seed)
+    preview = collate_images([val_set[i] for i in evenly_spaced(len(val_set), 8)])[0]  # spread over the classes
+
+    def sync_disc_buffers() -> None:
+        """BatchNorm running stats drift apart per process between DDP forwards (which re-broadcast
+        rank 0's); align them the same way before saving or returning."""
+        if accelerator.num_processes > 1:
+            for b in raw_disc.buffers():
+                b.copy_(broadcast(b, from_process=0))
+
+    num_codes = model_cfg.num_codes
+    window, window_counts = Window(), torch.zeros(num_codes, device=accelerator.device)
+
+    def micro_step(batch: tuple[torch.Tensor, torch.Tensor], lr: float) -> bool:
+        x = batch[0]
+        if x.shape[0] == 0:
+            return False
+        x = x.to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model, disc):
+            with accelerator.autocast():
+                recon, q = model(x)
+            terms: dict[str, torch.Tensor] = {}
+            logits_fake = None
+            if criterion.gan_active(progress.step):
+                with accelerator.autocast():
+                    logits_real, logits_fake_d = disc(x, recon.detach())
+                means = accelerator.reduce(torch.stack([logits_real.detach().float().mean(),
+                                                        logits_fake_d.detach().float().mean()]), "mean")
+                d_loss, d_terms = criterion.discriminator_loss(logits_real, logits_fake_d, means[0], means[1])
+                accelerator.backward(d_loss)
+                opt_d.step()
+                opt_d.zero_grad(set_to_none=True)
+                terms.update(d_terms)
+                # Generator side: the plain module (not DDP) with frozen weights, so gradients reach
+                # the reconstruction only and the discriminator's reducer is not involved.
+                raw_disc.requires_grad_(False)
+                with accelerator.autocast():
+                    logits_fake = raw_disc(recon)
+                raw_disc.requires_grad_(True)
+            ae_loss, ae_terms = criterion.autoencoder_loss(
+                x, recon, q, progress.step, logits_fake, last_layer=raw_model.decoder.last_layer)
+            accelerator.backward(ae_loss)
+            if accelerator.sync_gradients and t.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            opt_ae.step()
+            opt_ae.zero_grad(set_to_none=True)
+            terms.update(ae_terms)
+        window_counts.add_(torch.bincount(q.indices.reshape(-1), minlength=num_codes))
+        window.add({**terms, **q.stats})
+        return True
+
+    def on_step(lr: float) -> None:
+        step = progress.step
+        ema.update(raw_model)
+        if step % cfg.log_every == 0 or step == progress.max_steps:
+            counts = accelerator.reduce(window_counts, "sum")
+            avg = {k: v for k, v in window.means(accelerator).items() if k not in ("seconds", "micro_batches")}
+            avg |= {"utilisation_window": float((counts > 0).float().mean()), "lr": lr, "epoch": progress.epoch}
+            logger.log(step, avg)
+            window_counts.zero_()
+        if accelerator.is_main_process and (step % cfg.image_every == 0 or step == progress.max_steps):
+            with torch.no_grad():
+                rec, _ = ema.model(preview.to(accelerator.device))
+            save_rows([preview, rec], run_dir / "images" / f"recon_{step:07d}.png")
+        if step % cfg.ckpt_every == 0 or step == progress.max_steps:
+            sync_disc_buffers()
+            checkpointer.save(progress, lambda: {
+                "model": raw_model.state_dict(), "disc": raw_disc.state_dict(), "ema": ema.state_dict(),
+                "criterion": criterion.lecam_state(), "opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict()},
+                ema.state_dict())
+
+    run_loop(accelerator, loader, sampler, progress, t.grad_accum, progress.max_steps, set_lr, micro_step, on_step,
+             desc="train tokenizer")
+    sync_disc_buffers()
+
+    result: dict[str, Any] = {}
+    if accelerator.is_main_process and cfg.eval_at_end:
+        result = evaluate_reconstruction(ema.model, val_set, batch_size=max(t.batch_size, 32),
+                                         device=accelerator.device, max_images=cfg.eval_max_images)
+        result["step"] = progress.step
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        print(f"[eval] {d.val_split} split, EMA weights: PSNR {result['psnr']:.2f} dB | "
+              f"codebook utilisation {result['utilisation']:.1%} ({result['codes_used']}/{num_codes} codes) | "
+              f"perplexity {result['perplexity']:.1f} | {result['images']} images")
+        print(f"checkpoint: {run_dir}/model.safetensors + config.yaml")
+    logger.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainOutcome(raw_model, ema.model, progress.step, result, discriminator=raw_disc)
+
+
+main = entry_point("train_tokenizer", train)
+
+
+if __name__ == "__main__":
+    main()
