@@ -294,7 +294,8 @@ def convert_ibq_tokenizer(sd: dict[str, Tensor], config: dict[str, Any] | None =
     cfg = TokenizerConfig(
         resolution=resolution, base_channels=base, channel_mult=tuple(mult), enc_res_blocks=enc_blocks,
         dec_res_blocks=dec_blocks, attn_resolutions=tuple(resolution // 2**i for i in range(levels) if enc_attn[i]),
-        z_channels=z_channels, embed_dim=codes.shape[1], num_codes=codes.shape[0], quantizer="ibq")
+        z_channels=z_channels, embed_dim=codes.shape[1], num_codes=codes.shape[0], quantizer="ibq",
+        norm_group_channels=1)  # the official GroupNorm always has min(32, channels) groups
     _check_against({"ch": base, "ch_mult": mult, "num_res_blocks": enc_blocks, "z_channels": z_channels,
                     "n_embed": cfg.num_codes, "embed_dim": cfg.embed_dim,
                     "attn_resolutions": list(cfg.attn_resolutions)}, dd, what)
@@ -332,7 +333,7 @@ def convert_llamagen_vq(sd: dict[str, Tensor], image_size: int = 256,
     cfg = TokenizerConfig(
         resolution=image_size, base_channels=base, channel_mult=tuple(mult), enc_res_blocks=enc_blocks,
         dec_res_blocks=dec_blocks, attn_resolutions=(image_size // 2 ** (levels - 1),), z_channels=z_channels,
-        embed_dim=codes.shape[1], num_codes=codes.shape[0], quantizer="vq",
+        embed_dim=codes.shape[1], num_codes=codes.shape[0], quantizer="vq", norm_group_channels=1,
         quantizer_args={"beta": 0.25, "l2_norm": True})
 
     m = StrictMap(sd, what)

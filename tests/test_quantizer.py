@@ -256,3 +256,13 @@ def test_quantizers_follow_the_protocol():
         assert torch.equal(q.encode_indices(z), out.indices)
         assert q.lookup(out.indices).shape == z.shape
         assert [p.shape for p in q.codebook_parameters()] == [(8, 4)]
+
+
+def test_ibq_codebook_init_std_scales_the_reference_draw():
+    torch.manual_seed(0)
+    ref = IBQuantizer(64, 16)
+    torch.manual_seed(0)
+    scaled = IBQuantizer(64, 16, init_std=0.25)
+    torch.testing.assert_close(scaled.embedding.weight, 0.25 * ref.embedding.weight)
+    with pytest.raises(ValueError, match="init_std"):
+        IBQuantizer(64, 16, init_std=0)

@@ -50,7 +50,8 @@ def test_training_reduces_reconstruction_loss_and_checkpoint_roundtrips(tokenize
     assert "g_loss" in logs[-1] and "lecam" in logs[-1] and "g_loss" not in logs[0]
     assert 0 < logs[-1]["utilisation_window"] <= 1
     assert (run_dir / "images" / "recon_0000100.png").exists()
-    assert {"psnr", "utilisation", "codes_used"} <= set(out.metrics)
+    assert {"psnr", "utilisation", "codes_used", "recon_accuracy", "recon_accuracy_per_class"} <= set(out.metrics)
+    assert 0 <= out.metrics["recon_accuracy"] <= 1 and len(out.metrics["recon_accuracy_per_class"]) == 10
 
     loaded = load_tokenizer(run_dir)  # safetensors + config only
     x = torch.rand(3, 3, 32, 32) * 2 - 1

@@ -1,27 +1,40 @@
-"""VQGAN-style convolutional encoder and decoder (GroupNorm(32) + swish, residual blocks, attention).
+"""VQGAN-style convolutional encoder and decoder (GroupNorm + swish, residual blocks, attention).
 
 Resolution halves after every level but the last, so ``len(channel_mult) - 1`` levels of 2x give
 the downsampling factor (5 levels -> 16x for the ImageNet reference, 4 levels -> 8x for the demo).
+
+GroupNorm uses 32 groups, as the reference, but never fewer than ``min_group_channels`` channels per
+group. Why: a group of one channel is instance norm, which removes each channel's per-image mean (a flat
+colour) and, right before the RGB conv, causes "droplet" artefacts (a spike with a dark halo). Widths of
+128 and more (every reference model) have >= 4 channels per group either way, so only narrow models change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+Norm = Callable[[int], nn.Module]
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=min(32, channels), num_channels=channels, eps=1e-6, affine=True)
+
+def group_norm(channels: int, min_group_channels: int = 1) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= 32 that divides ``channels`` and keeps
+    ``min_group_channels`` channels per group (1 = the reference's ``min(32, channels)`` groups)."""
+    groups = max(1, min(32, channels // max(1, min_group_channels)))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0) -> None:
+    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0, norm: Norm = group_norm) -> None:
         super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -34,9 +47,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all spatial positions."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm: Norm = group_norm) -> None:
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -67,47 +80,52 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _level(c_in: int, c_out: int, blocks: int, attn: bool, dropout: float) -> nn.ModuleList:
-    layers = nn.ModuleList()
-    for i in range(blocks):
-        layers.append(ResBlock(c_in if i == 0 else c_out, c_out, dropout))
-        if attn:
-            layers.append(AttnBlock(c_out))
-    return layers
+@dataclass(frozen=True)
+class ConvStack:
+    """What the encoder and decoder share: widths per level, where attention runs, the latent width."""
 
+    resolution: int
+    base_channels: int
+    channel_mult: Sequence[int]
+    attn_resolutions: Sequence[int]
+    z_channels: int
+    dropout: float = 0.0
+    min_group_channels: int = 1
 
-def _middle(channels: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(ResBlock(channels, channels, dropout), AttnBlock(channels),
-                         ResBlock(channels, channels, dropout))
+    def norm(self, channels: int) -> nn.GroupNorm:
+        return group_norm(channels, self.min_group_channels)
+
+    def level(self, c_in: int, c_out: int, blocks: int, res: int) -> nn.ModuleList:
+        layers = nn.ModuleList()
+        for i in range(blocks):
+            layers.append(ResBlock(c_in if i == 0 else c_out, c_out, self.dropout, self.norm))
+            if res in self.attn_resolutions:
+                layers.append(AttnBlock(c_out, self.norm))
+        return layers
+
+    def middle(self, channels: int) -> nn.Sequential:
+        return nn.Sequential(ResBlock(channels, channels, self.dropout, self.norm), AttnBlock(channels, self.norm),
+                             ResBlock(channels, channels, self.dropout, self.norm))
 
 
 class Encoder(nn.Module):
-    def __init__(
-        self,
-        resolution: int,
-        base_channels: int,
-        channel_mult: Sequence[int],
-        num_res_blocks: int,
-        attn_resolutions: Sequence[int],
-        z_channels: int,
-        in_channels: int = 3,
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, stack: ConvStack, num_res_blocks: int, in_channels: int = 3) -> None:
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        base, mults = stack.base_channels, stack.channel_mult
+        self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
         self.levels = nn.ModuleList()
         self.downs = nn.ModuleList()
-        c_in, res = base_channels, resolution
-        for i, mult in enumerate(channel_mult):
-            c_out = base_channels * mult
-            self.levels.append(_level(c_in, c_out, num_res_blocks, res in attn_resolutions, dropout))
-            last = i == len(channel_mult) - 1
+        c_in, res = base, stack.resolution
+        for i, mult in enumerate(mults):
+            c_out = base * mult
+            self.levels.append(stack.level(c_in, c_out, num_res_blocks, res))
+            last = i == len(mults) - 1
             self.downs.append(nn.Identity() if last else Downsample(c_out))
             res = res if last else res // 2
             c_in = c_out
-        self.mid = _middle(c_in, dropout)
-        self.norm_out = group_norm(c_in)
-        self.conv_out = nn.Conv2d(c_in, z_channels, 3, padding=1)
+        self.mid = stack.middle(c_in)
+        self.norm_out = stack.norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, stack.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -120,32 +138,23 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(
-        self,
-        resolution: int,
-        base_channels: int,
-        channel_mult: Sequence[int],
-        num_res_blocks: int,
-        attn_resolutions: Sequence[int],
-        z_channels: int,
-        out_channels: int = 3,
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, stack: ConvStack, num_res_blocks: int, out_channels: int = 3) -> None:
         super().__init__()
-        c = base_channels * channel_mult[-1]
-        res = resolution // 2 ** (len(channel_mult) - 1)
-        self.conv_in = nn.Conv2d(z_channels, c, 3, padding=1)
-        self.mid = _middle(c, dropout)
+        base, mults = stack.base_channels, stack.channel_mult
+        c = base * mults[-1]
+        res = stack.resolution // 2 ** (len(mults) - 1)
+        self.conv_in = nn.Conv2d(stack.z_channels, c, 3, padding=1)
+        self.mid = stack.middle(c)
         self.levels = nn.ModuleList()
         self.ups = nn.ModuleList()
-        for i in reversed(range(len(channel_mult))):
-            c_out = base_channels * channel_mult[i]
-            self.levels.append(_level(c, c_out, num_res_blocks, res in attn_resolutions, dropout))
+        for i in reversed(range(len(mults))):
+            c_out = base * mults[i]
+            self.levels.append(stack.level(c, c_out, num_res_blocks, res))
             first = i == 0
             self.ups.append(nn.Identity() if first else Upsample(c_out))
             res = res if first else res * 2
             c = c_out
-        self.norm_out = group_norm(c)
+        self.norm_out = stack.norm(c)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:

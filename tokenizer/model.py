@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from pipelines.errors import ConfigError  # a leaf module: the error class only
-from tokenizer.autoencoder import Decoder, Encoder
+from tokenizer.autoencoder import ConvStack, Decoder, Encoder
 from tokenizer.quantizer import Quantizer, QuantizerOutput, build_quantizer
 
 
@@ -26,6 +26,7 @@ class TokenizerConfig:
     z_channels: int = 256
     embed_dim: int = 256
     dropout: float = 0.0
+    norm_group_channels: int = 4  # GroupNorm: at least this many channels per group (see autoencoder.py)
     num_codes: int = 16384
     quantizer: str = "ibq"
     quantizer_args: dict[str, Any] = field(default_factory=dict)  # beta, entropy weights, ...
@@ -37,6 +38,8 @@ class TokenizerConfig:
         if unknown:
             raise ConfigError(f"unknown tokenizer config keys {sorted(unknown)}; known: {sorted(known)}")
         d = dict(d)
+        # Configs written before the option existed had one channel per group in narrow layers; keep them exact.
+        d.setdefault("norm_group_channels", 1)
         for key in ("channel_mult", "attn_resolutions"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -62,14 +65,13 @@ class IBQTokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        shared = dict(resolution=cfg.resolution, base_channels=cfg.base_channels,
-                      channel_mult=cfg.channel_mult, attn_resolutions=cfg.attn_resolutions,
-                      z_channels=cfg.z_channels, dropout=cfg.dropout)
-        self.encoder = Encoder(num_res_blocks=cfg.enc_res_blocks, **shared)
+        stack = ConvStack(cfg.resolution, cfg.base_channels, cfg.channel_mult, cfg.attn_resolutions, cfg.z_channels,
+                          cfg.dropout, cfg.norm_group_channels)
+        self.encoder = Encoder(stack, cfg.enc_res_blocks)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.quantizer: Quantizer = build_quantizer(cfg.quantizer, cfg.num_codes, cfg.embed_dim, cfg.quantizer_args)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        self.decoder = Decoder(num_res_blocks=cfg.dec_res_blocks, **shared)
+        self.decoder = Decoder(stack, cfg.dec_res_blocks)
 
     def encode(self, x: Tensor) -> QuantizerOutput:
         """Images in [-1, 1] (B, 3, H, W) -> quantizer output (z_q, indices, losses)."""

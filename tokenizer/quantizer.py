@@ -338,6 +338,8 @@ class IBQuantizer(nn.Module):
     The batch term H(pbar) is -sum(pbar log(pbar + entropy_eps)) as in the official code (``entropy_eps=0``:
     the exact entropy; see ``OFFICIAL_ENTROPY_EPS``).
     ``beta_on_codebook=False`` moves beta to the commitment term, as the paper's equation writes it.
+    ``init_std``: the codebook starts N(0, init_std^2) (reference: 1). The paper leaves the scale open; it
+    matters when the encoder's outputs are much shorter than sqrt(dim) (see docs/design.md, "codebook scale").
     ``impl``: "naive" builds the (positions x N) logits; "tiled" computes the same values and
     gradients in code_tile x pos_tile blocks (memory independent of N); "auto" = tiled from
     ``TILED_MIN_CODES`` codes on. The quantizer always runs in float32, also under autocast.
@@ -358,8 +360,11 @@ class IBQuantizer(nn.Module):
         code_tile: int = 4096,
         pos_tile: int = 8192,
         entropy_eps: float = OFFICIAL_ENTROPY_EPS,
+        init_std: float = 1.0,
     ) -> None:
         super().__init__()
+        if float(init_std) <= 0:
+            raise ValueError(f"init_std must be > 0, got {init_std}")
         if float(entropy_eps) < 0:
             raise ValueError(f"entropy_eps must be >= 0 (0 = exact entropy), got {entropy_eps}")
         if impl not in IMPLS:
@@ -373,6 +378,9 @@ class IBQuantizer(nn.Module):
         self.sample_entropy_weight, self.batch_entropy_weight = sample_entropy_weight, batch_entropy_weight
         self.impl, self.code_tile, self.pos_tile = impl, int(code_tile), int(pos_tile)
         self.embedding = nn.Embedding(num_codes, dim)  # N(0, 1) init, as the reference
+        if float(init_std) != 1.0:  # scaled rather than redrawn: the same seed gives the same codes' directions
+            with torch.no_grad():
+                self.embedding.weight.mul_(float(init_std))
 
     @property
     def tiled(self) -> bool:

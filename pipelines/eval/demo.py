@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
 
+from pipelines.data import collate_images
 from pipelines.eval.demo_classifier import ClassifierConfig, load_or_train, per_class_accuracy
 from pipelines.eval.metrics import (
     FeatureStats,
@@ -24,6 +27,7 @@ from pipelines.eval.metrics import (
     frechet_distance,
     open_images,
     save_images_npz,
+    ssim,
 )
 from pipelines.eval.modes import (
     Features,
@@ -35,6 +39,59 @@ from pipelines.eval.modes import (
     reference_stats,
     spread_subset,
 )
+from pipelines.images import psnr, to_uint8
+
+
+class ReconRecognition:
+    """Per-batch hook for ``evaluate_reconstruction``: the demo classifier's verdict on each reconstruction.
+
+    Why: PSNR and utilisation can look fine while shapes are lost; "is a reconstructed red circle still
+    recognised as a red circle" is the figure that says whether the tokens carry the class.
+    """
+
+    def __init__(self, data_root: str | Path, cache_dir: str | Path = "runs/demo_classifier",
+                 device: str | torch.device = "cpu") -> None:
+        root = Path(data_root)
+        meta = root / "demo_meta.json"
+        size = json.loads(meta.read_text())["size"] if meta.is_file() else ClassifierConfig.resolution
+        self.classifier, info = load_or_train(root, cache_dir, ClassifierConfig(resolution=size), device)
+        self.names: list[str] = list(info["classes"])
+        self.reset()
+
+    def reset(self) -> None:
+        self.preds: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor, rec: torch.Tensor, labels: torch.Tensor) -> None:
+        self.preds.append(self.classifier.classify(to_uint8(rec).permute(0, 3, 1, 2))["logits"].argmax(1).cpu())
+        self.labels.append(labels.cpu())
+
+    def summary(self) -> dict[str, Any]:
+        preds, labels = torch.cat(self.preds), torch.cat(self.labels)
+        per_class = per_class_accuracy(preds, labels, len(self.names))
+        return {"recon_accuracy": float((preds == labels).float().mean()),
+                "recon_accuracy_per_class": {n: a for n, a in zip(self.names, per_class, strict=True) if a is not None}}
+
+
+@torch.no_grad()
+def baseline_rows(dataset: Dataset, judge: ReconRecognition, grid: int = 8) -> dict[str, dict[str, Any]]:
+    """PSNR, SSIM and recognition of two reconstructions that need no tokenizer, on ``dataset``'s images:
+    each image's mean colour, and ``grid`` x ``grid`` average pooling (one flat colour per token position)."""
+    images, labels = collate_images([dataset[i] for i in range(len(dataset))])
+    size = images.shape[-1]
+    baselines = {
+        "baseline: mean colour": images.mean((2, 3), keepdim=True).expand_as(images),
+        f"baseline: {grid}x{grid} avg pool": F.interpolate(F.avg_pool2d(images, size // grid), size=size,
+                                                            mode="nearest"),
+    }
+    rows = {}
+    x8 = to_uint8(images).permute(0, 3, 1, 2).float()
+    for name, rec in baselines.items():
+        judge.reset()
+        judge(images, rec, labels)
+        r8 = to_uint8(rec).permute(0, 3, 1, 2).float()
+        rows[name] = {"psnr": float(psnr(images, rec).mean()), "ssim": float(ssim(x8, r8).mean()), **judge.summary()}
+    return rows
 
 
 def recon_accuracy(report: Report, hook: Any, names: list[str]) -> None:

@@ -25,6 +25,8 @@ from pipelines.checkpoint import save_config
 from pipelines.cli import entry_point
 from pipelines.data import EpochBatchSampler, ImageFolderDataset, collate_images, make_loader, save_class_index
 from pipelines.ema import EMA
+from pipelines.eval.demo import ReconRecognition
+from pipelines.eval.demo_classifier import META_FILE as DEMO_META
 from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.images import save_rows
 from pipelines.run_log import RunLogger
@@ -179,13 +181,18 @@ def train(cfg: DictConfig) -> TrainOutcome:
 
     result: dict[str, Any] = {}
     if accelerator.is_main_process and cfg.eval_at_end:
+        # On the built-in dataset the demo classifier says whether reconstructions keep their class.
+        judge = ReconRecognition(d.root, cfg.demo_classifier, accelerator.device) \
+            if (Path(d.root) / DEMO_META).is_file() else None
         result = evaluate_reconstruction(ema.model, val_set, batch_size=max(t.batch_size, 32),
-                                         device=accelerator.device, max_images=cfg.eval_max_images)
+                                         device=accelerator.device, max_images=cfg.eval_max_images, on_batch=judge)
+        result |= judge.summary() if judge is not None else {}
         result["step"] = progress.step
         (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
-        print(f"[eval] {d.val_split} split, EMA weights: PSNR {result['psnr']:.2f} dB | "
-              f"codebook utilisation {result['utilisation']:.1%} ({result['codes_used']}/{num_codes} codes) | "
-              f"perplexity {result['perplexity']:.1f} | {result['images']} images")
+        recognised = f"recognised {result['recon_accuracy']:.1%} | " if judge is not None else ""
+        print(f"[eval] {d.val_split} split, EMA weights: PSNR {result['psnr']:.2f} dB | SSIM {result['ssim']:.3f} | "
+              f"{recognised}codebook utilisation {result['utilisation']:.1%} ({result['codes_used']}/{num_codes} "
+              f"codes) | perplexity {result['perplexity']:.1f} | {result['images']} images")
         print(f"checkpoint: {run_dir}/model.safetensors + config.yaml")
     logger.close()
     accelerator.wait_for_everyone()

@@ -1,0 +1,42 @@
+"""GroupNorm groups in the encoder/decoder: narrow models keep colour, reference widths are unchanged."""
+
+import torch
+from torch import nn
+
+from tokenizer.autoencoder import group_norm
+from tokenizer.model import IBQTokenizer, TokenizerConfig
+
+DEMO = dict(resolution=32, base_channels=32, channel_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1,
+            attn_resolutions=(), z_channels=8, embed_dim=8, num_codes=16)
+
+
+def _flat_colour_features(channels: int, seed: int) -> torch.Tensor:
+    """A feature map that is constant over space (what a flat colour gives), different per channel."""
+    values = torch.randn(1, channels, 1, 1, generator=torch.Generator().manual_seed(seed))
+    return values.expand(1, channels, 8, 8).contiguous()
+
+
+def test_flat_colour_survives_the_decoders_last_norm():
+    for min_group_channels, survives in ((4, True), (1, False)):
+        model = IBQTokenizer(TokenizerConfig(**DEMO, norm_group_channels=min_group_channels))
+        norm = model.decoder.norm_out
+        assert norm.num_channels == 32 and norm.num_groups == 32 // min_group_channels
+        a, b = (norm(_flat_colour_features(32, s)) for s in (0, 1))
+        # One channel per group (instance norm) maps every flat input to the same output: the colour is gone.
+        assert (not torch.allclose(a, b, atol=1e-2)) == survives
+
+
+def test_reference_widths_keep_32_groups():
+    model = IBQTokenizer(TokenizerConfig(resolution=64, channel_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1,
+                                         attn_resolutions=(), z_channels=8, embed_dim=8, num_codes=16))
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(m.num_groups == 32 for m in norms)  # base 128: >= 4 channels per group already
+
+
+def test_group_count_divides_channels_and_old_configs_keep_instance_norm():
+    assert group_norm(48, 4).num_groups == 12 and group_norm(40, 4).num_groups == 10
+    assert group_norm(2, 4).num_groups == 1
+    assert group_norm(16, 1).num_groups == 16 and group_norm(512, 4).num_groups == 32
+    old = {k: list(v) if isinstance(v, tuple) else v for k, v in DEMO.items()}  # a config.yaml without the key
+    assert TokenizerConfig.from_dict(old).norm_group_channels == 1
+    assert TokenizerConfig.from_dict({**old, "norm_group_channels": 4}).norm_group_channels == 4
