@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | Path, split: str, resolution: int, on_corrupt: str = "skip",
                  seed: int = 0) -> None:
         if on_corrupt not in ("skip", "error"):
-            raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
+            raise ConfigError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
         self.samples, self.classes = scan_image_folder(Path(root) / split)
         self.resolution, self.on_corrupt, self.seed = resolution, on_corrupt, seed
 
@@ -162,7 +162,7 @@ class EpochBatchSampler(Sampler[list]):
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.epoch, self.skip_batches = 0, 0
         if self.drop_last and len(self) == 0:
-            raise ValueError(f"{num_items} images cannot fill one global batch of {self._global} "
+            raise ConfigError(f"{num_items} images cannot fill one global batch of {self._global} "
                              f"({batch_size} per process x {world_size} processes)")
 
     @property

@@ -21,15 +21,23 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.checkpoint import save_config
-from pipelines.cli import entry_point
+from pipelines.cli import entry_point, require_choice, require_int
 from pipelines.data import EpochBatchSampler, ImageFolderDataset, collate_images, make_loader, save_class_index
 from pipelines.ema import EMA
 from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.images import save_rows
 from pipelines.run_log import RunLogger
-from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, lr_setter, run_loop
-from pipelines.util import evenly_spaced
+from pipelines.train.loop import (
+    Checkpointer,
+    Progress,
+    TrainOutcome,
+    Window,
+    check_train_options,
+    claim_run_dir,
+    lr_setter,
+    run_loop,
+)
+from pipelines.util import atomic_write_text, evenly_spaced
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import LossConfig, TokenizerLoss
 from tokenizer.model import IBQTokenizer, TokenizerConfig
@@ -42,11 +50,28 @@ def lr_factor(step: int, warmup_steps: int, milestones_steps: list[int], decay: 
     return warm * decay ** sum(step >= m for m in milestones_steps)
 
 
+def check_options(cfg: DictConfig) -> None:
+    check_train_options(cfg)
+    require_int(cfg, "tokenizer.model.num_codes", 2)
+    require_int(cfg, "data.resolution", 8)
+    require_int(cfg, "image_every", 1)
+    require_int(cfg, "eval_max_images", 1, optional=True)
+    require_choice(cfg, "data.on_corrupt", ("skip", "error"))
+
+
 def train(cfg: DictConfig) -> TrainOutcome:
-    """Run (or resume) training as configured."""
+    """Run (or resume) training as configured: options checked, then the run directory claimed (locked, no
+    clobbering: ``pipelines.train.loop.claim_run_dir``), then training."""
+    check_options(cfg)
     t = cfg.train
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
                               cpu=t.cpu)
+    with claim_run_dir(accelerator, Path(cfg.run_dir), cfg.resume, cfg.overwrite):
+        return _train(cfg, accelerator)
+
+
+def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
+    t = cfg.train
     set_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -92,10 +117,9 @@ def train(cfg: DictConfig) -> TrainOutcome:
         opt_ae.load_state_dict(state["opt_ae"])
         opt_d.load_state_dict(state["opt_d"])
 
-    logger = RunLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir)
+    logger = RunLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard,
+                       start_step=progress.step)
+    if accelerator.is_main_process:  # config.yaml is written with each checkpoint, beside the weights it describes
         save_class_index(train_set.classes, run_dir / "class_index.json")
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"tokenizer {n_params / 1e6:.1f}M params | {len(train_set)} train images | "
@@ -182,7 +206,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
         result = evaluate_reconstruction(ema.model, val_set, batch_size=max(t.batch_size, 32),
                                          device=accelerator.device, max_images=cfg.eval_max_images)
         result["step"] = progress.step
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=1))
         print(f"[eval] {d.val_split} split, EMA weights: PSNR {result['psnr']:.2f} dB | "
               f"codebook utilisation {result['utilisation']:.1%} ({result['codes_used']}/{num_codes} codes) | "
               f"perplexity {result['perplexity']:.1f} | {result['images']} images")
