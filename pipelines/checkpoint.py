@@ -54,9 +54,9 @@ def load_config(directory: str | Path) -> dict[str, Any]:
     except Exception as err:  # yaml.YAMLError, UnicodeDecodeError, OmegaConf errors: all mean "not readable"
         raise CorruptFileError(f"checkpoint config {path} is damaged ({type(err).__name__}); restore it from a copy "
                                "of the run (it is the run's resolved config)") from err
-    if not isinstance(config, dict):
-        raise CorruptFileError(f"checkpoint config {path} is not a mapping (empty or damaged); restore it from a "
-                               "copy of the run")
+    if not isinstance(config, dict) or not config:
+        raise CorruptFileError(f"checkpoint config {path} is empty or damaged; restore it from a copy of the run "
+                               "(it is the run's resolved config)")
     return config
 
 

@@ -34,4 +34,8 @@ class DirectoryLockedError(UserError, RuntimeError):
 
 
 class WriteError(UserError, OSError):
-    """A file could not be written (disk full, read-only, permission denied); the previous version is intact."""
+    """A file could not be written (disk full, read-only, permission denied); the previous version is intact.
+    ``errno`` and ``filename`` are the original error's; the message is the one line to show."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

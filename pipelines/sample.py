@@ -18,8 +18,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.cli import entry_point
-from pipelines.generate import SAMPLING_KEYS, iter_images, load_pipeline, resolve_classes, sample_plan, sampling_recipe
+from pipelines.cli import entry_point, require_int
+from pipelines.generate import (
+    SAMPLING_KEYS,
+    check_sampling_options,
+    iter_images,
+    load_pipeline,
+    resolve_classes,
+    sample_plan,
+    sampling_recipe,
+)
 from pipelines.images import save_png, save_rows
 from pipelines.util import pick_device, save_npz
 
@@ -28,7 +36,15 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
+def check_options(cfg: DictConfig) -> None:
+    for key in ("n", "batch_size", "grid_max_per_class"):
+        require_int(cfg, key, 1)
+    require_int(cfg, "seed", 0)
+    check_sampling_options({k: cfg[k] for k in SAMPLING_KEYS})
+
+
 def sample(cfg: DictConfig) -> dict:
+    check_options(cfg)
     ckpt = cfg.ckpt
     if ckpt is None:
         ckpt = cfg.demo_ckpt

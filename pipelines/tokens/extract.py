@@ -277,25 +277,27 @@ def _extract(cfg: DictConfig, accelerator: Accelerator, model: IBQTokenizer, tok
                     disable=not accelerator.is_main_process)
     parts = {k: {"tokens": [], "labels": [], "indices": [], "skipped": []} for k in pending}
     written, processed, t0 = 0, 0, time.perf_counter()
-    for (x, labels, indices, skipped), k in zip(loader, owners, strict=True):
-        p = parts[k]
-        if x is not None:
-            views = x.flatten(0, 1).to(accelerator.device, non_blocking=True)
-            ids = _tokenize(model, views, accelerator).reshape(x.shape[0], len(variants), h, w)
-            p["tokens"].append(ids.cpu().numpy().astype(dtype))
-            p["labels"].append(labels.numpy())
-            p["indices"].append(indices.numpy())
-        p["skipped"] += skipped
-        processed += len(indices) + len(skipped)
-        progress.update(len(indices) + len(skipped))
-        remaining[k] -= 1
-        if remaining[k] == 0:
-            _write_shard(out, k, parts.pop(k), settings)
-            written += 1
-            progress.set_postfix(shards=written)
-            if cfg.stop_after_shards is not None and written >= cfg.stop_after_shards:
-                break
-    progress.close()
+    try:  # the bar's line is ended on an error too, before the error line
+        for (x, labels, indices, skipped), k in zip(loader, owners, strict=True):
+            p = parts[k]
+            if x is not None:
+                views = x.flatten(0, 1).to(accelerator.device, non_blocking=True)
+                ids = _tokenize(model, views, accelerator).reshape(x.shape[0], len(variants), h, w)
+                p["tokens"].append(ids.cpu().numpy().astype(dtype))
+                p["labels"].append(labels.numpy())
+                p["indices"].append(indices.numpy())
+            p["skipped"] += skipped
+            processed += len(indices) + len(skipped)
+            progress.update(len(indices) + len(skipped))
+            remaining[k] -= 1
+            if remaining[k] == 0:
+                _write_shard(out, k, parts.pop(k), settings)
+                written += 1
+                progress.set_postfix(shards=written)
+                if cfg.stop_after_shards is not None and written >= cfg.stop_after_shards:
+                    break
+    finally:
+        progress.close()
     seconds = time.perf_counter() - t0
     totals = gather_object([(processed, written, len(mine) - len(pending))])
     accelerator.wait_for_everyone()

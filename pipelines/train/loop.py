@@ -230,17 +230,16 @@ def run_loop(accelerator: Accelerator, loader: Iterable, sampler: EpochBatchSamp
              micro_step: Callable[[Any, float], bool], on_step: Callable[[float], None], desc: str) -> None:
     """Iterate epochs until ``end_step``: ``micro_step(batch, lr)`` per batch (False = batch skipped), and after
     each optimizer step (once the gradient-accumulation window closes) ``progress.advance()`` then ``on_step(lr)``."""
-    bar = tqdm(total=end_step, initial=progress.step, disable=not accelerator.is_main_process, desc=desc,
-               dynamic_ncols=True)
-    while progress.step < end_step:
-        progress.begin_epoch(sampler, grad_accum)
-        for batch in loader:
-            lr = set_lr(progress.step)
-            if not micro_step(batch, lr) or not accelerator.sync_gradients:
-                continue
-            epoch_done = progress.advance()
-            bar.update(1)
-            on_step(lr)
-            if progress.step >= end_step or epoch_done:
-                break
-    bar.close()
+    with tqdm(total=end_step, initial=progress.step, disable=not accelerator.is_main_process, desc=desc,
+              dynamic_ncols=True) as bar:  # closed (its line ended) on an error too, before the error line
+        while progress.step < end_step:
+            progress.begin_epoch(sampler, grad_accum)
+            for batch in loader:
+                lr = set_lr(progress.step)
+                if not micro_step(batch, lr) or not accelerator.sync_gradients:
+                    continue
+                epoch_done = progress.advance()
+                bar.update(1)
+                on_step(lr)
+                if progress.step >= end_step or epoch_done:
+                    break
