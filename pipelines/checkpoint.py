@@ -102,20 +102,32 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
-    """Everything needed to resume (weights, optimizers, EMA, step, RNG) in one file, then its sha256 (hashed
-    while writing, so the state is never read back) in ``state.sha256``, written last."""
+    """Everything needed to resume (weights, optimizers, EMA, step, RNG) in one file, with its sha256 (hashed while
+    writing, never read back) in ``state.sha256``. The record is written once the new file is complete and before
+    it is renamed into place, and keeps the previous file's hash too, so a kill at any moment leaves a
+    ``state.pt`` that matches its record, and any other content (a flipped byte, a truncation) does not."""
     folder = Path(directory) / TRAIN_STATE_DIR
-    digest = {}
+    record = folder / STATE_CHECKSUM
+    previous = _recorded_hashes(record)[0] if record.exists() and (folder / STATE_FILE).exists() else None
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             w = HashingWriter(f)
             torch.save(state, w)
-        digest["sha256"] = w.sha256.hexdigest()
+        atomic_write_text(record, json.dumps({"file": STATE_FILE, "sha256": w.sha256.hexdigest(),
+                                              "previous_sha256": previous, "step": state.get("step")}))
 
     atomic_write(folder / STATE_FILE, write)
-    atomic_write_text(folder / STATE_CHECKSUM, json.dumps({"file": STATE_FILE, "sha256": digest["sha256"],
-                                                           "step": state.get("step")}))
+
+
+def _recorded_hashes(record: Path) -> list[str]:
+    """[sha256 of the newest state, sha256 of the one before (until the newest is renamed into place)]."""
+    try:
+        d = json.loads(record.read_text())
+        return [d["sha256"]] + ([d["previous_sha256"]] if d.get("previous_sha256") else [])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CorruptFileError(f"checksum file {record} is damaged; delete it to resume without the check, or "
+                               "restore it from a copy") from err
 
 
 def has_train_state(directory: str | Path) -> bool:
@@ -133,11 +145,7 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
                f"overwrite=true (the weights in {MODEL_FILE} stay until the first new checkpoint)")
     record = folder / STATE_CHECKSUM
     if record.exists():  # absent only for runs saved before checksums existed
-        try:
-            expected = json.loads(record.read_text())["sha256"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise CorruptFileError(f"checksum file {record} is damaged; {recover}") from err
-        if file_sha256(path) != expected:
+        if file_sha256(path) not in _recorded_hashes(record):
             raise CorruptFileError(f"training state {path} fails its checksum ({record}): the file is truncated or "
                                    f"damaged; {recover}")
     try:

@@ -1,6 +1,6 @@
 """Reconstruct images through a tokenizer: per-image reconstructions, a side-by-side grid, token grids.
 
-    python tools/reconstruct.py ckpt=runs/tokenizer_demo input=data/demo/val out=runs/reconstruct max_images=16
+    python tools/reconstruct.py tokenizer=runs/tokenizer_demo input=data/demo/val out=runs/reconstruct max_images=16
 
 ``max_images`` picks that many evenly spaced over the sorted file list. Writes ``<out>/<name>.png``
 (reconstruction), ``<out>/side_by_side.png`` (originals above, reconstructions below, up to 16 per
@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from tqdm.auto import tqdm
 
-from pipelines.cli import entry_point
+from pipelines.cli import entry_point, require_int
 from pipelines.data import (
     IMAGE_EXTENSIONS,
     CorruptImageError,
@@ -46,8 +46,10 @@ def list_images(spec: str | list[str]) -> list[Path]:
 
 
 def reconstruct(cfg: DictConfig) -> dict:
+    require_int(cfg, "batch_size", 1)
+    require_int(cfg, "max_images", 1, optional=True)
     device = pick_device(cfg.device)
-    model = load_tokenizer(cfg.ckpt, device)
+    model = load_tokenizer(cfg.tokenizer, device)
     res = model.cfg.resolution
     files = list_images(cfg.input)
     files = [files[i] for i in evenly_spaced(len(files), cfg.max_images or None)]  # every class of a sorted folder

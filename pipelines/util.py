@@ -21,7 +21,8 @@ os.umask(_UMASK)
 TMP_SUFFIX = ".tmp"  # every temporary file of atomic_write ends so; start-up clean-up removes leftovers
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
-_PAUSE_ENV = "IBQ_TEST_PAUSE_BEFORE_RENAME"  # tests only: "<file name>:<marker path>" pauses a write there
+_PAUSE_ENV = "IBQ_TEST_PAUSE_BEFORE_RENAME"  # tests only: "<file name>:<n>:<marker path>", see _pause_for_tests
+_writes_seen: dict[str, int] = {}
 
 
 def write_error(err: OSError, path: Path) -> OSError:
@@ -40,13 +41,20 @@ def write_error(err: OSError, path: Path) -> OSError:
 
 
 def _pause_for_tests(path: Path) -> None:
-    """Fault-injection hook: with ``IBQ_TEST_PAUSE_BEFORE_RENAME=<name>:<marker>``, a write of a file called
-    ``<name>`` creates ``<marker>`` once its temporary file is complete, then waits (a test kills the process)."""
+    """Fault-injection hook: with ``IBQ_TEST_PAUSE_BEFORE_RENAME=<name>:<n>:<marker>``, the n-th write of a file
+    called ``<name>`` in this process creates ``<marker>`` once its temporary file is complete, then waits for the
+    test to kill the process (so the kill lands inside the write, before the rename)."""
     spec = os.environ.get(_PAUSE_ENV)
-    if spec and spec.split(":", 1)[0] == path.name:
+    if not spec:
+        return
+    name, n, marker = spec.split(":", 2)
+    if name != path.name:
+        return
+    _writes_seen[name] = _writes_seen.get(name, 0) + 1
+    if _writes_seen[name] == int(n):
         import time
 
-        Path(spec.split(":", 1)[1]).touch()
+        Path(marker).touch()
         while True:
             time.sleep(1)
 

@@ -298,3 +298,215 @@ def test_every_error_class_is_a_user_error():
         for name, obj in inspect.getmembers(module, inspect.isclass):
             if issubclass(obj, Exception) and obj.__module__ == module.__name__:
                 assert issubclass(obj, UserError), name
+
+
+# ---------------------------------------------------------------------------------- item 5: options
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.batch_size=abc", "train.batch_size must be an integer >= 1, got 'abc'"),
+    ("train.batch_size=0", "train.batch_size must be an integer >= 1, got 0"),
+    ("train.batch_size=-4", "train.batch_size must be an integer >= 1, got -4"),
+    ("train.max_steps=0", "train.max_steps must be an integer >= 1, got 0"),
+    ("train.grad_accum=0", "train.grad_accum must be an integer >= 1, got 0"),
+    ("ckpt_every=0", "ckpt_every must be an integer >= 1, got 0"),
+    ("train.warmup_steps=-1", "train.warmup_steps must be an integer >= 0, got -1"),
+    ("train.lr=0", "train.lr must be a number in (0, inf), got 0"),
+    ("train.epochs=-1", "train.epochs must be a number in (0, inf) or null, got -1"),
+    ("train.ema_decay=1.5", "train.ema_decay must be a number in [0, 1) or null, got 1.5"),
+])
+def test_bad_training_options_are_one_line_before_any_work(token_shards, tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    assert one_line_error(train, ar_cfg(token_shards, run_dir, [override])) == f"error: {message}"
+    assert not run_dir.exists()
+
+
+def test_bad_tokenizer_options_are_one_line(tokenizer_cfg, tmp_path):
+    from pipelines.train.tokenizer import train as train_tokenizer
+
+    line = one_line_error(train_tokenizer, tokenizer_cfg(tmp_path / "t", ["tokenizer.model.num_codes=1"]))
+    assert line == "error: tokenizer.model.num_codes must be an integer >= 2, got 1"
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("n=0", "n must be an integer >= 1, got 0"),
+    ("batch_size=abc", "batch_size must be an integer >= 1, got 'abc'"),
+    ("temperature=0", "temperature must be a number in (0, inf) or null, got 0"),
+    ("temperature=-1", "temperature must be a number in (0, inf) or null, got -1"),
+    ("top_k=-1", "top_k must be an integer >= 0 or null, got -1"),
+    ("top_p=0", "top_p must be a number in (0, 1] or null, got 0"),
+    ("top_p=1.5", "top_p must be a number in (0, 1] or null, got 1.5"),
+    ("cfg=-0.5", "cfg must be a number in [0, inf) or null, got -0.5"),
+    ("cfg_schedule=cosine", "cfg_schedule must be one of constant, linear or null, got 'cosine'"),
+])
+def test_bad_sampling_options_are_one_line(tmp_path, override, message):
+    from pipelines.sample import sample
+    from tests.conftest import tool_config
+
+    cfg = tool_config("sample", [f"ckpt={tmp_path / 'nope'}", override])  # checked before the checkpoint is read
+    assert one_line_error(sample, cfg) == f"error: {message}"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("mode=foo", "mode must be one of samples, recon, gen, demo, got 'foo'"),
+    ("batch_size=0", "batch_size must be an integer >= 1, got 0"),
+    ("top_p=2", "top_p must be a number in (0, 1] or null, got 2"),
+])
+def test_bad_evaluation_options_are_one_line(override, message):
+    from pipelines.eval.fid import evaluate
+    from tests.conftest import tool_config
+
+    assert one_line_error(evaluate, tool_config("fid", [override])) == f"error: {message}"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("shard_size=0", "shard_size must be an integer >= 1, got 0"),
+    ("batch_size=-1", "batch_size must be an integer >= 1, got -1"),
+])
+def test_bad_extraction_options_are_one_line(tmp_path, override, message):
+    cfg = compose_config("extract_tokens", [f"out_dir={tmp_path / 'out'}", override])
+    assert one_line_error(extract, cfg) == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_tool_takes_a_tokenizer_path(trained, tiny_tokenizer, tmp_path):
+    """`tokenizer=` is a plain key of tools/sample.py (conf/tools has no tokenizer group): no Hydra collision."""
+    from pipelines.sample import sample
+    from tests.conftest import tool_config
+
+    out = sample(tool_config("sample", [f"ckpt={trained}", f"tokenizer={tiny_tokenizer}", "n=1", "class=0",
+                                        f"out={tmp_path / 's'}", "device=cpu", "save_png=false"]))
+    assert out["num_samples"] == 1
+
+
+# ---------------------------------------------------------------------------------- item 4: bad data
+
+
+def test_16_bit_png_is_scaled_not_saturated(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.data import load_rgb
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    rgb = np.asarray(load_rgb(str(tmp_path / "deep.png")))
+    assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert np.abs(rgb[..., 0].astype(int) - np.rint(ramp / 257)).max() == 0
+    assert (rgb == 255).mean() < 0.01
+
+
+def test_empty_class_folder_is_refused(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.data import scan_image_folder
+
+    for c in ("a", "b", "c"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+    for c in ("a", "c"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / c / "x.png")
+    line = one_line_error(scan_image_folder, tmp_path / "train")
+    assert line == (f"error: class folder {tmp_path / 'train' / 'b'} has no images (1 empty class folder(s) in "
+                    f"{tmp_path / 'train'}); add images or remove it: it would still take a class index")
+
+
+def test_symlinked_class_folders_are_followed(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.data import scan_image_folder
+
+    real = tmp_path / "elsewhere" / "b"
+    real.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(real / "x.png")
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "a" / "y.png")
+    (tmp_path / "train" / "b").symlink_to(real)
+    samples, classes = scan_image_folder(tmp_path / "train")
+    assert classes == ["a", "b"] and [label for _, label in samples] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------- item 7: evaluation inputs
+
+
+@pytest.fixture
+def no_features(monkeypatch, tmp_path):
+    """Inception weights 'present' but computing any feature fails the test: checks must come first."""
+    import pipelines.eval.modes as modes
+
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"")
+    monkeypatch.setattr(modes, "find_inception_weights", lambda path=None: weights)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("features were computed before the inputs were checked")
+
+    monkeypatch.setattr(modes.Features, "of", forbidden)
+
+
+def _images(folder: Path, n: int, size: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((size, size, 3), i * 20, np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _fid(tmp_path, *overrides):
+    from pipelines.eval.fid import evaluate
+    from tests.conftest import tool_config
+
+    return one_line_error(evaluate, tool_config("fid", [f"results={tmp_path / 'r.jsonl'}", "stats_cache=null",
+                                                        "device=cpu", *overrides]))
+
+
+def test_evaluation_checks_inputs_before_features(tmp_path, no_features):
+    import numpy as np
+
+    ref = _images(tmp_path / "ref", 4, 16)
+    one = _images(tmp_path / "one", 1, 16)
+    assert _fid(tmp_path, f"samples={one}", f"ref={ref}") == \
+        f"error: samples {one} holds 1 image(s); at least 2 are needed"
+    big = _images(tmp_path / "big", 3, 32)
+    assert _fid(tmp_path, f"samples={big}", f"ref={ref}") == (
+        f"error: samples are 32x32 but the reference {ref} is 16x16; compare sets of one resolution (resolution=N "
+        "resizes image folders), or pass allow_resolution_mismatch=true to compare them anyway")
+    corrupt = _images(tmp_path / "corrupt", 3, 16)
+    (corrupt / "1.png").write_bytes(b"not a png")
+    assert _fid(tmp_path, f"samples={ref}", f"ref={corrupt}").startswith(
+        f"error: cannot decode image {corrupt / '1.png'}")
+    npz = tmp_path / "s.npz"
+    np.savez(npz, arr_0=np.zeros((3, 16, 16, 3), np.uint8))
+    npz.write_bytes(npz.read_bytes()[:-40])
+    assert _fid(tmp_path, f"samples={npz}", f"ref={ref}").startswith(
+        f"error: {npz} is not a readable .npz (truncated or damaged: ")
+
+
+def test_samples_npz_with_its_own_statistics_is_used_for_fid(tmp_path, monkeypatch):
+    """As the ADM evaluator does: FID from the samples' stored mu/sigma, the images for the other metrics."""
+    import numpy as np
+
+    import pipelines.eval.modes as modes
+    from pipelines.eval.fid import evaluate
+    from pipelines.eval.metrics import frechet_distance, read_npz
+    from tests.conftest import tool_config
+
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.normal(size=4), np.eye(4) * 2
+    npz = tmp_path / "s.npz"
+    np.savez(npz, arr_0=np.zeros((5, 16, 16, 3), np.uint8), mu=mu, sigma=sigma)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(4), sigma=np.eye(4))
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    monkeypatch.setattr(modes, "find_inception_weights", lambda path=None: weights)
+    monkeypatch.setattr(modes.Features, "of", lambda self, images, desc: {"pool": torch.randn(len(images), 4)})
+    record = evaluate(tool_config("fid", [f"samples={npz}", f"ref={ref}", "metrics=[fid]", "stats_cache=null",
+                                          f"results={tmp_path / 'r.jsonl'}", "device=cpu"]))
+    expected = frechet_distance(read_npz(npz).stats, read_npz(ref))
+    assert record["metrics"]["fid"] == pytest.approx(expected)
