@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,11 @@ from tests.conftest import ROOT, TINY_GENERATOR, TINY_TOKENIZER, ar_cfg, compose
 
 
 def run_until_killed(module: str, overrides: list[str], tmp_path: Path, pause: str | None = None,
-                     until: Path | None = None, line_step: int | None = None) -> None:
+                     until: Path | None = None, line_step: int | None = None,
+                     before_kill: Callable[[int], None] | None = None) -> None:
     """Start ``python -m <module>`` and SIGKILL it when the write named by ``pause`` ("<file>:<n>") is paused
-    (its temporary file complete, not yet renamed), or once ``until`` (metrics.jsonl) logs ``line_step``."""
+    (its temporary file complete, not yet renamed), or once ``until`` (metrics.jsonl) logs ``line_step``.
+    ``before_kill(pid)`` runs just before the kill."""
     marker = tmp_path / "paused"
     marker.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -50,6 +53,8 @@ def run_until_killed(module: str, overrides: list[str], tmp_path: Path, pause: s
             time.sleep(0.05)
         else:
             pytest.fail(f"{module} never reached the kill point")
+        if before_kill is not None:
+            before_kill(proc.pid)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -109,6 +114,24 @@ def test_killed_ar_run_resumes_to_the_same_weights(token_shards, ar_reference, t
     assert_same_state(run_dir, ar_reference)
     assert not list(run_dir.rglob("*.tmp"))
     assert logged_steps(run_dir) == list(range(1, 9))
+
+
+def test_second_process_on_a_run_directory_is_refused_until_the_owner_dies(token_shards, tmp_path):
+    import socket
+
+    from tests.test_robustness import one_line_error
+
+    run_dir = tmp_path / "run"
+    args = [f"shards={token_shards}", f"run_dir={run_dir}", *TINY_GENERATOR, *AR_COMMON]
+
+    def second_owner(pid: int) -> None:
+        line = one_line_error(train_ar, ar_cfg(token_shards, run_dir, [*AR_COMMON, "resume=true"]))
+        assert line.startswith(f"error: run directory {run_dir} is in use by pid {pid} on {socket.gethostname()}, "
+                               "started ")
+
+    run_until_killed("pipelines.train.ar", args, tmp_path, pause="state.pt:1", before_kill=second_owner)
+    train_ar(ar_cfg(token_shards, run_dir, [*AR_COMMON, "resume=true"]))  # the OS released the dead owner's lock
+    assert load_train_state(run_dir)["step"] == 8 and not list(run_dir.rglob("*.tmp"))
 
 
 # ------------------------------------------------------------------------------------------- tokenizer trainer
