@@ -24,6 +24,7 @@ from pipelines.util import HashingWriter, atomic_write, atomic_write_text, file_
 
 MODEL_FILE, CONFIG_FILE, TRAIN_STATE_DIR = "model.safetensors", "config.yaml", "train_state"
 STATE_FILE, STATE_CHECKSUM = "state.pt", "state.sha256"
+FSDP_STEP_FILE = "fsdp_step.json"  # train_state/ of an FSDP run: accelerate's sharded state in fsdp/ plus this
 
 __all__ = ["MODEL_FILE", "CONFIG_FILE", "TRAIN_STATE_DIR", "MissingCheckpointError", "save_config", "save_model",
            "load_config", "load_model", "weights_hash", "capture_rng", "restore_rng", "save_train_state",
@@ -131,7 +132,8 @@ def _recorded_hashes(record: Path) -> list[str]:
 
 
 def has_train_state(directory: str | Path) -> bool:
-    return (Path(directory) / TRAIN_STATE_DIR / STATE_FILE).exists()
+    folder = Path(directory) / TRAIN_STATE_DIR
+    return (folder / STATE_FILE).exists() or (folder / FSDP_STEP_FILE).exists()
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any] | None:

@@ -34,16 +34,7 @@ from pipelines.ema import EMA
 from pipelines.errors import ConfigError
 from pipelines.run_log import RunLogger
 from pipelines.tokens.shards import ShardManifest, TokenShardDataset
-from pipelines.train.loop import (
-    Checkpointer,
-    Progress,
-    TrainOutcome,
-    Window,
-    check_train_options,
-    claim_run_dir,
-    lr_setter,
-    run_loop,
-)
+from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, lr_setter, run_loop, start_run
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, final_ratio: float = 0.0) -> float:
@@ -96,12 +87,9 @@ def evaluate_loss(model: LlamaGPT, dataset: TokenShardDataset, batch_size: int, 
 def train(cfg: DictConfig) -> TrainOutcome:
     """Run (or resume) training as configured: options checked, then the run directory claimed (locked, no
     clobbering: ``pipelines.train.loop.claim_run_dir``), then training."""
-    check_train_options(cfg)
     t = cfg.train
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(t.mixed_precision),
-                              gradient_accumulation_steps=t.grad_accum, cpu=t.cpu)
-    with claim_run_dir(accelerator, Path(cfg.run_dir), cfg.resume, cfg.overwrite):
-        return _train(cfg, accelerator)
+    return start_run(cfg, lambda: Accelerator(mixed_precision=resolve_mixed_precision(t.mixed_precision),
+                                              gradient_accumulation_steps=t.grad_accum, cpu=t.cpu), _train)
 
 
 def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:

@@ -27,6 +27,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from pipelines.checkpoint import (
+    FSDP_STEP_FILE,
     MODEL_FILE,
     TRAIN_STATE_DIR,
     capture_rng,
@@ -40,7 +41,7 @@ from pipelines.cli import require_int, require_number
 from pipelines.data import EpochBatchSampler
 from pipelines.errors import ConfigError, RunDirError
 from pipelines.run_log import METRICS_FILE
-from pipelines.util import DirectoryLock, claim_directory
+from pipelines.util import DirectoryLock, atomic_write_text, claim_directory
 
 RUN_OUTPUTS = (METRICS_FILE, "tb", "eval.json")  # what overwrite=true removes with train_state/ (weights: replaced)
 
@@ -79,6 +80,19 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     for name in RUN_OUTPUTS:
         target = run_dir / name
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def start_run(cfg: Any, make_accelerator: Callable[[], Accelerator], body: Callable[[Any, Accelerator], Any],
+              check: Callable[[Any], None] | None = None) -> Any:
+    """How every trainer starts: options checked (the shared ones, then ``check``'s) before anything is built,
+    the Accelerator made, the run directory claimed (``claim_run_dir``), then ``body(cfg, accelerator)`` with the
+    lock held until it returns or raises."""
+    check_train_options(cfg)
+    if check is not None:
+        check(cfg)
+    accelerator = make_accelerator()
+    with claim_run_dir(accelerator, Path(cfg.run_dir), cfg.resume, cfg.overwrite):
+        return body(cfg, accelerator)
 
 
 def claim_run_dir(accelerator: Accelerator, run_dir: Path, resume: bool, overwrite: bool) -> DirectoryLock:
@@ -169,7 +183,7 @@ class Checkpointer:
         if self.fsdp:
             if self.fsdp_dir.exists():
                 acc.load_state(str(self.fsdp_dir))
-                progress.load_state_dict(json.loads((self.fsdp_dir.parent / "fsdp_step.json").read_text()))
+                progress.load_state_dict(json.loads((self.fsdp_dir.parent / FSDP_STEP_FILE).read_text()))
             return None
         state = load_train_state(self.run_dir)
         if state is None:
@@ -191,7 +205,7 @@ class Checkpointer:
         rng = gather_object([capture_rng()])
         if acc.is_main_process:
             if self.fsdp:
-                (self.fsdp_dir.parent / "fsdp_step.json").write_text(json.dumps(progress.state_dict()))
+                atomic_write_text(self.fsdp_dir.parent / FSDP_STEP_FILE, json.dumps(progress.state_dict()))
             else:
                 save_train_state(self.run_dir, {**state(), **progress.state_dict(), "rng": rng})
             save_model(self.run_dir, weights, self.config)

@@ -27,16 +27,7 @@ from pipelines.ema import EMA
 from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.images import save_rows
 from pipelines.run_log import RunLogger
-from pipelines.train.loop import (
-    Checkpointer,
-    Progress,
-    TrainOutcome,
-    Window,
-    check_train_options,
-    claim_run_dir,
-    lr_setter,
-    run_loop,
-)
+from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, lr_setter, run_loop, start_run
 from pipelines.util import atomic_write_text, evenly_spaced
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import LossConfig, TokenizerLoss
@@ -51,7 +42,7 @@ def lr_factor(step: int, warmup_steps: int, milestones_steps: list[int], decay: 
 
 
 def check_options(cfg: DictConfig) -> None:
-    check_train_options(cfg)
+    """The tokenizer's own options (the shared ones: ``pipelines.train.loop.check_train_options``)."""
     require_int(cfg, "tokenizer.model.num_codes", 2)
     require_int(cfg, "data.resolution", 8)
     require_int(cfg, "image_every", 1)
@@ -62,12 +53,10 @@ def check_options(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> TrainOutcome:
     """Run (or resume) training as configured: options checked, then the run directory claimed (locked, no
     clobbering: ``pipelines.train.loop.claim_run_dir``), then training."""
-    check_options(cfg)
     t = cfg.train
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-                              cpu=t.cpu)
-    with claim_run_dir(accelerator, Path(cfg.run_dir), cfg.resume, cfg.overwrite):
-        return _train(cfg, accelerator)
+    return start_run(cfg, lambda: Accelerator(mixed_precision=t.mixed_precision,
+                                              gradient_accumulation_steps=t.grad_accum, cpu=t.cpu), _train,
+                     check_options)
 
 
 def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
