@@ -72,8 +72,8 @@ def load_model(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CorruptFileError(f"checkpoint weights {path} are truncated or damaged ({' '.join(str(err).split())}); "
-                               f"restore the file, or resume training (resume=true) to write it again from "
-                               f"{TRAIN_STATE_DIR}/") from err
+                               f"restore it from a copy (a run that has {TRAIN_STATE_DIR}/ rewrites it at its next "
+                               "checkpoint when resumed with resume=true)") from err
     return state, load_config(directory)
 
 

@@ -26,6 +26,8 @@ from pipelines.train.ar import train as train_ar
 from pipelines.train.tokenizer import train as train_tokenizer
 from tests.conftest import ROOT, TINY_GENERATOR, TINY_TOKENIZER, ar_cfg, compose_config
 
+pytestmark = pytest.mark.slow  # subprocesses and training runs (still part of `make test`)
+
 
 def run_until_killed(module: str, overrides: list[str], tmp_path: Path, pause: str | None = None,
                      until: Path | None = None, line_step: int | None = None,

@@ -169,7 +169,8 @@ def test_damaged_weights_and_config_are_named(trained, damage):
     weights.write_bytes({"truncate": data[:len(data) // 2], "garbage": b"\xff" * 64, "empty": b""}[damage])
     line = one_line_error(load_generator, trained)
     assert line.startswith(f"error: checkpoint weights {weights} are truncated or damaged (")
-    assert line.endswith("restore the file, or resume training (resume=true) to write it again from train_state/")
+    assert line.endswith("restore it from a copy (a run that has train_state/ rewrites it at its next checkpoint "
+                         "when resumed with resume=true)")
     weights.write_bytes(data)
     config.write_bytes({"truncate": b"generator: {model: [", "garbage": b"\xff\xfe\x00", "empty": b""}[damage])
     line = one_line_error(load_config, trained)
