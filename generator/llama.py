@@ -7,11 +7,13 @@ Sequence layout (``L = h * w`` image tokens in raster order)::
     predicts   t_0      t_1    t_2    ...   t_{L-1}
 
 The class embedding is the prefix token and also conditions every block through AdaLN
-(shift / scale / gate from SiLU -> Linear(d -> 6d)) and the output norm (adaptive LayerNorm).
+(shift / scale / gate from SiLU -> Linear(d -> 6d)) and the output norm (``head_norm``: adaptive LayerNorm,
+IBQ's adaptive RMSNorm, or LlamaGen's plain RMSNorm).
 Label ``num_classes`` is the "null" class used for classifier-free guidance; in training labels are
 replaced by it with probability ``class_dropout``. Positions use 2D rotary embeddings: half of each
 head's channels rotate with the token's grid row, the other half with its column; the class token
-is not rotated (identity), so attention scores between image tokens depend only on grid offsets.
+is not rotated (``rope_cls=identity``) or, as in the official IBQ / LlamaGen models, its query and key are
+zeroed (``rope_cls=zero``); attention scores between image tokens depend only on grid offsets.
 
 Llama parts: RMSNorm, SwiGLU, no biases (the AdaLN projections keep DiT's bias), weights N(0, 0.02)
 as LlamaGen, zero-initialised output head, gates of the per-block AdaLN start near zero (VAR/DiT).
@@ -27,6 +29,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# Norm before the output head:
+#   adaln     - LayerNorm without affine (eps 1e-6), then x (1 + scale) + shift from the class embedding (VAR);
+#   adaln_rms - RMSNorm with a learned weight (eps 1e-5), then x (1 + scale) + shift (IBQ's official model);
+#   rms       - RMSNorm with a learned weight, nothing class-dependent (LlamaGen).
+HEAD_NORMS = ("adaln", "adaln_rms", "rms")
+# Rotary row of the class token: identity (angle 0: left as it is) or zero (cos = sin = 0: its query and key
+# become zero, as in the LlamaGen / IBQ tables, so every position gives the class token the score 0).
+ROPE_CLS = ("identity", "zero")
 
 
 @dataclass
@@ -49,9 +60,15 @@ class GPTConfig:
     adaln: bool = True                     # per-block AdaLN from the class embedding
     adaln_gate_init: float = 1e-3          # scale of the gate rows' initial weights (near-zero gates)
     init_std: float = 0.02
+    head_norm: str = "adaln"               # norm before the head: see HEAD_NORMS (default: this project's first form)
+    rope_cls: str = "identity"             # class token's rotary row: see ROPE_CLS
 
     def __post_init__(self) -> None:
         self.grid = tuple(int(g) for g in self.grid)  # type: ignore[assignment]
+        if self.head_norm not in HEAD_NORMS:
+            raise ValueError(f"unknown head_norm {self.head_norm!r}; choose one of {list(HEAD_NORMS)}")
+        if self.rope_cls not in ROPE_CLS:
+            raise ValueError(f"unknown rope_cls {self.rope_cls!r}; choose one of {list(ROPE_CLS)}")
         if self.dim % self.n_head or (self.dim // self.n_head) % 4:
             raise ValueError(f"dim {self.dim} / n_head {self.n_head} must give a head size divisible by 4 "
                              "(2D RoPE rotates pairs in two halves)")
@@ -89,8 +106,8 @@ class GPTConfig:
 
 # ----------------------------------------------------------------------------------------------- rope
 
-def rope_2d(grid: tuple[int, int], head_dim: int, base: float = 10000.0) -> Tensor:
-    """(1 + h*w, head_dim/2, 2) cos/sin table: row 0 = class token (identity), then the grid in raster order.
+def rope_2d(grid: tuple[int, int], head_dim: int, base: float = 10000.0, cls: str = "identity") -> Tensor:
+    """(1 + h*w, head_dim/2, 2) cos/sin table: row 0 = class token (see ``ROPE_CLS``), then the grid in raster order.
 
     Channel pairs [0, head_dim/4) rotate with the row index, [head_dim/4, head_dim/2) with the column.
     """
@@ -101,7 +118,10 @@ def rope_2d(grid: tuple[int, int], head_dim: int, base: float = 10000.0) -> Tens
     cols = torch.arange(w, dtype=torch.float64)[None, :, None] * freqs           # (1, w, q)
     angles = torch.cat([rows.expand(h, w, quarter), cols.expand(h, w, quarter)], dim=-1).reshape(h * w, -1)
     angles = torch.cat([torch.zeros(1, 2 * quarter, dtype=torch.float64), angles])  # class token: angle 0
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    if cls == "zero":
+        table[0] = 0.0
+    return table
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
@@ -210,14 +230,20 @@ class Block(nn.Module):
 
 
 class AdaLNBeforeHead(nn.Module):
-    """LayerNorm (no affine) shifted and scaled by the class embedding, then the output projection."""
+    """The norm before the output projection (``cfg.head_norm``): shifted and scaled by the class embedding
+    for ``adaln`` / ``adaln_rms``, a plain RMSNorm for ``rms``."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6, elementwise_affine=False)
-        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
+        if cfg.head_norm == "adaln":
+            self.norm: nn.Module = nn.LayerNorm(cfg.dim, eps=1e-6, elementwise_affine=False)
+        else:  # IBQ's head RMSNorm keeps its own default eps (1e-5); LlamaGen's uses the model's norm_eps
+            self.norm = RMSNorm(cfg.dim, 1e-5 if cfg.head_norm == "adaln_rms" else cfg.norm_eps)
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim)) if cfg.head_norm != "rms" else None
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        if self.adaln is None:
+            return self.norm(x)
         shift, scale = self.adaln(cond).chunk(2, dim=-1)
         return modulate(self.norm(x), shift, scale)
 
@@ -234,7 +260,8 @@ class LlamaGPT(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.final_norm = AdaLNBeforeHead(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.register_buffer("rope", rope_2d(cfg.grid, cfg.head_dim, cfg.rope_base), persistent=False)
+        self.register_buffer("rope", rope_2d(cfg.grid, cfg.head_dim, cfg.rope_base, cfg.rope_cls),
+                             persistent=False)
         self.reset_parameters()
 
     @property

@@ -7,9 +7,14 @@ import torch
 from omegaconf import OmegaConf
 
 from generator.llama import GPTConfig, LlamaGPT, apply_rope, rope_2d
-from tests.conftest import ROOT
+from tests.conftest import compose_config
 
 REFERENCE_PARAMS = {"B": 342e6, "L": 649e6, "XL": 1.1e9, "XXL": 2.1e9}
+
+
+def generator_spec(name: str) -> dict:
+    """conf/generator/<name>.yaml composed as training composes it (with its `_llama` defaults)."""
+    return OmegaConf.to_container(compose_config("train_ar", [f"generator={name}"]).generator)
 
 
 def random_model(seed: int = 0, **overrides) -> LlamaGPT:
@@ -27,7 +32,7 @@ def random_model(seed: int = 0, **overrides) -> LlamaGPT:
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
 def test_reference_configs_match_published_parameter_counts(name):
-    spec = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "generator" / f"{name}.yaml"))
+    spec = generator_spec(name)
     cfg = GPTConfig.from_dict({**spec["model"], "vocab_size": 16384, "num_classes": 1000, "grid": [16, 16]})
     with torch.device("meta"):  # no memory: the XXL model would need 8 GB
         model = LlamaGPT(cfg)
@@ -116,6 +121,82 @@ def test_kv_cache_logits_equal_full_recomputation():
     torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="exceeds block size"):
         model(tokens[:, :2], labels, cache=cache, start_pos=11)
+
+
+OFFICIAL_IBQ_PARAMS = {"B": 342_994_944, "L": 649_640_960, "XL": 1_076_103_168, "XXL": 2_063_331_840}
+LLAMAGEN_PARAMS = {"B": 111e6, "L": 343e6, "XL": 775e6, "XXL": 1.4e9, "3B": 3.1e9}  # LlamaGen's rounded figures
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_IBQ_PARAMS))
+def test_reference_configs_are_the_official_ibq_architecture(name):
+    spec = generator_spec(name)
+    cfg = GPTConfig.from_dict({**spec["model"], "vocab_size": 16384, "num_classes": 1000, "grid": [16, 16]})
+    assert (cfg.head_norm, cfg.rope_cls, cfg.adaln) == ("adaln_rms", "zero", True)
+    with torch.device("meta"):
+        assert LlamaGPT(cfg).num_params() == OFFICIAL_IBQ_PARAMS[name]  # exactly the official count
+
+
+@pytest.mark.parametrize("name", sorted(LLAMAGEN_PARAMS))
+def test_llamagen_configs(name):
+    spec = generator_spec(f"llamagen_{name}")
+    cfg = GPTConfig.from_dict({**spec["model"], "vocab_size": 16384, "num_classes": 1000, "grid": [24, 24]})
+    assert (cfg.head_norm, cfg.rope_cls, cfg.adaln) == ("rms", "zero", False)
+    with torch.device("meta"):
+        n = LlamaGPT(cfg).num_params()
+    assert abs(n / LLAMAGEN_PARAMS[name] - 1) < 0.01, n
+
+
+def test_head_norm_and_class_rope_options():
+    x = torch.randn(2, 5, 32)
+    cond = torch.randn(2, 32)
+    for kind, params in (("adaln", ["adaln.1.weight", "adaln.1.bias"]),
+                         ("adaln_rms", ["norm.weight", "adaln.1.weight", "adaln.1.bias"]),
+                         ("rms", ["norm.weight"])):
+        model = random_model(head_norm=kind)
+        head = model.final_norm
+        assert sorted(n for n, _ in head.named_parameters()) == sorted(params)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.normal_()
+            out = head(x, cond)
+            if kind == "rms":
+                ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * head.norm.weight
+            else:
+                shift, scale = head.adaln(cond).chunk(2, -1)
+                if kind == "adaln":
+                    normed = torch.nn.functional.layer_norm(x, (32,), eps=1e-6)
+                else:
+                    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * head.norm.weight
+                ref = normed * (1 + scale[:, None]) + shift[:, None]
+        torch.testing.assert_close(out, ref)
+
+    # rope_cls: the class token's queries and keys are zero with "zero", untouched with "identity"
+    for cls, zero in (("zero", True), ("identity", False)):
+        model = random_model(rope_cls=cls)
+        h = model.class_embedding(torch.tensor([1, 2]))[:, None]
+        q, k, _ = model.layers[0].attention.qkv(h, model.rope[:1])
+        assert (q.abs().max() == 0) == zero and (k.abs().max() == 0) == zero
+        assert torch.equal(model.rope[1:], rope_2d((3, 4), 8)[1:])  # image positions unchanged
+        tokens, labels = torch.randint(0, 32, (2, 12)), torch.tensor([1, 3])
+        cache = model.new_cache(2)
+        steps = [model(None, labels, cache=cache, start_pos=0)[:, 0]]
+        steps += [model(tokens[:, t - 1:t], labels, cache=cache, start_pos=t)[:, 0] for t in range(1, 12)]
+        torch.testing.assert_close(torch.stack(steps, 1), model(tokens, labels), rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ValueError, match="head_norm"):
+        GPTConfig(head_norm="layer")
+    with pytest.raises(ValueError, match="rope_cls"):
+        GPTConfig(rope_cls="one")
+
+
+def test_config_without_the_new_keys_keeps_todays_model():
+    old = {"vocab_size": 32, "num_classes": 5, "grid": [3, 4], "dim": 32, "n_layer": 2, "n_head": 4,
+           "ffn_multiple_of": 16, "adaln": True}
+    cfg = GPTConfig.from_dict(old)
+    assert (cfg.head_norm, cfg.rope_cls) == ("adaln", "identity")
+    model = LlamaGPT(cfg)
+    assert "final_norm.norm.weight" not in model.state_dict()
+    assert torch.equal(model.rope[0], torch.stack([torch.ones(4), torch.zeros(4)], -1))
 
 
 def test_config_from_dict_refuses_unknown_keys():

@@ -13,8 +13,9 @@ def _latents(b=2, d=8, h=3, w=3, seed=0):
     return torch.randn(b, d, h, w, generator=g)
 
 
-def _naive_ibq(z, codebook, beta, entropy_w, temp):
-    """The textbook formulation with an explicit one-hot, used as the reference."""
+def _naive_ibq(z, codebook, beta, entropy_w, temp, eps=1e-5):
+    """The textbook formulation with an explicit one-hot, used as the reference (batch entropy in the
+    official code's form -sum(p log(p + eps)))."""
     zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     logits = zf @ codebook.t()
     soft = logits.softmax(-1)
@@ -30,7 +31,7 @@ def _naive_ibq(z, codebook, beta, entropy_w, temp):
     p = (logits / temp).softmax(-1)
     sample_h = -(p * torch.log(p)).sum(-1).mean()
     pbar = p.mean(0)
-    batch_h = -(pbar * torch.log(pbar)).sum()
+    batch_h = -(pbar * torch.log(pbar + eps)).sum()
     return zq, idx, quant + entropy_w * (sample_h - batch_h)
 
 
@@ -114,7 +115,7 @@ def test_soft_term_without_codebook_stopgrad_would_differ():
 
 def test_loss_terms_equal_hand_computation():
     # One position, two codes in 2-D: everything can be written out by hand.
-    q = IBQuantizer(num_codes=2, dim=2, beta=0.25, entropy_temperature=1.0)
+    q = IBQuantizer(num_codes=2, dim=2, beta=0.25, entropy_temperature=1.0, entropy_eps=0.0)  # exact entropy
     with torch.no_grad():
         q.embedding.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     z = torch.tensor([0.5, 0.2]).reshape(1, 2, 1, 1)
@@ -141,7 +142,7 @@ def test_loss_terms_equal_hand_computation():
 
 
 def test_entropy_loss_two_positions_by_hand():
-    q = IBQuantizer(num_codes=2, dim=2, entropy_temperature=0.5)
+    q = IBQuantizer(num_codes=2, dim=2, entropy_temperature=0.5, entropy_eps=0.0)  # exact entropy
     with torch.no_grad():
         q.embedding.weight.copy_(torch.eye(2))
     z = torch.tensor([[0.3, 0.1], [0.0, 0.4]]).t().reshape(1, 2, 1, 2)  # two positions
@@ -200,6 +201,44 @@ def test_build_quantizer_rejects_unknown_kind():
         assert "fsq" in str(err) and "ibq" in str(err)
     else:
         raise AssertionError("unknown quantizer accepted")
+
+
+def test_vq_l2_norm_is_llamagen_recipe():
+    """l2_norm=True: nearest code by cosine, unit-length z_q / lookup, losses on the normalised vectors; trains."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(num_codes=16, dim=4, l2_norm=True)
+    with torch.no_grad():
+        q.embedding.weight.mul_(torch.rand(16, 1) * 5 + 0.1)  # rows of any length: only the direction counts
+    z = _latents(d=4).requires_grad_(True)
+    out = q(z)
+    codes = F.normalize(q.embedding.weight, dim=-1)
+    zf = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, 4), dim=-1)
+    assert torch.equal(out.indices.reshape(-1), (zf @ codes.t()).argmax(-1))
+    assert torch.equal(q.encode_indices(z), out.indices)
+    torch.testing.assert_close(out.z_q.norm(dim=1), torch.ones(2, 3, 3))
+    torch.testing.assert_close(q.lookup(out.indices), out.z_q)
+    sq = ((codes[out.indices.reshape(-1)] - zf) ** 2).mean()
+    torch.testing.assert_close(out.terms["codebook"], sq)
+    torch.testing.assert_close(out.loss, sq * 1.25)
+    out.loss.backward()
+    assert z.grad.abs().sum() > 0 and q.embedding.weight.grad.abs().sum() > 0
+    assert not VectorQuantizer(4, 2).l2_norm  # off by default (the plain VQ baseline)
+
+
+def test_tokenizer_config_selects_llamagen_vq():
+    from tokenizer.model import IBQTokenizer, TokenizerConfig
+
+    cfg = TokenizerConfig(resolution=16, base_channels=32, channel_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1,
+                          attn_resolutions=(), z_channels=8, embed_dim=8, num_codes=16, quantizer="vq",
+                          quantizer_args={"beta": 0.25, "l2_norm": True})
+    assert IBQTokenizer(cfg).quantizer.l2_norm
+    ibq_args = {"beta": 0.25, "entropy_eps": 1e-5, "entropy_temperature": 0.01}
+    ibq = IBQTokenizer(TokenizerConfig(**{**cfg.__dict__, "quantizer": "ibq", "quantizer_args": ibq_args})).quantizer
+    assert ibq.entropy_eps == 1e-5
+    with pytest.raises(ValueError, match="l2_norm"):  # each quantizer takes its own arguments only
+        build_quantizer("ibq", 16, 8, {"l2_norm": True})
+    with pytest.raises(ValueError, match="entropy_eps"):
+        build_quantizer("vq", 16, 8, {"entropy_eps": 1e-5})
 
 
 def test_build_quantizer_rejects_unknown_arguments():

@@ -238,3 +238,79 @@ def test_no_grad_forward_gives_the_same_values():
     assert torch.equal(out_t.indices, out_n.indices) and torch.equal(out_t.z_q, out_n.z_q)
     for name in TERMS:
         torch.testing.assert_close(out_t.terms[name], out_n.terms[name], rtol=1e-5, atol=0, msg=name)
+
+
+# --- entropy epsilon (official -sum(p log(p + 1e-5))) and ragged position tiles ---------------------------------
+
+def test_entropy_eps_is_the_official_form_in_both_paths():
+    """At 2^17 codes with spread-out probabilities the mean code probability (~7.6e-6) is below eps = 1e-5, as at
+    2^18 in training: the epsilon changes the batch term and its gradient; naive and tiled agree for both."""
+    z = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.003
+    grads = {}
+    for eps in (1e-5, 0.0):
+        naive, tiled = _pair(2**17, 8, code_tile=30000, pos_tile=12, entropy_temperature=0.01, entropy_eps=eps)
+        out, _ = _assert_same(naive, tiled, z, rtol=1e-4)
+        with torch.no_grad():
+            flat = z.permute(0, 2, 3, 1).reshape(-1, 8)
+            pbar = (flat @ naive.embedding.weight.t() / 0.01).softmax(-1).mean(0)
+        by_hand = -(pbar * torch.log(pbar + eps)).sum() if eps else -(pbar * pbar.clamp_min(1e-10).log()).sum()
+        torch.testing.assert_close(out.terms["batch_entropy"], by_hand, rtol=1e-5, atol=0)
+        assert pbar.median() < 1e-5  # the regime where the two forms differ
+        zz = z.clone().requires_grad_(True)
+        (grads[eps],) = torch.autograd.grad(tiled(zz).terms["batch_entropy"], zz)
+    diff = (grads[1e-5] - grads[0.0]).abs().max() / grads[0.0].abs().max()
+    assert diff > 1e-2, diff
+    assert IBQuantizer(8, 2).entropy_eps == 1e-5  # default: the official form
+    with pytest.raises(ValueError, match="entropy_eps"):
+        IBQuantizer(8, 2, entropy_eps=-1.0)
+
+
+def _float32_tile_logits(z, codes, code_tile, pos_tile):
+    """The logits exactly as the tiled kernel's forward makes them (tile by tile, same shapes and layout)."""
+    m, n = z.shape[0], codes.shape[0]
+    logits = torch.empty(m, n)
+    for n0 in range(0, n, code_tile):
+        n1 = min(n0 + code_tile, n)
+        for i0 in range(0, m, pos_tile):
+            i1 = min(i0 + pos_tile, m)
+            tile = torch.empty(i1 - i0, n1 - n0)
+            logits[i0:i1, n0:n1] = torch.matmul(z[i0:i1], codes[n0:n1].t(), out=tile)
+    return logits
+
+
+@pytest.mark.parametrize("last_rows", [1, 2, 3])
+def test_ragged_position_tile_backward_float32_large_logits(last_rows):
+    """float32, |logits| up to ~3e4 (T = 0.01: one ulp is a factor e^0.2 in q), the last position tile 1-3 rows.
+
+    Reference: the loss as a function of the forward's own float32 logits, differentiated in float64. Backward
+    must recompute exactly those logits; the old stacked (2r-row) matmul rounded differently (errors 0.07-0.9).
+    """
+    from tokenizer.quantizer import _TiledIBQ
+
+    pos_tile, code_tile, d, temperature = 8, 16, 16, 0.01
+    m = 2 * pos_tile + last_rows
+    g = torch.Generator().manual_seed(last_rows)
+    base = torch.randn(12, d, generator=g) * 50
+    codes = torch.cat([base + 1e-3 * torch.randn(12, d, generator=g) for _ in range(4)])  # near-ties in q
+    z = torch.randn(m, d, generator=g) * 50
+    upstream, g_sample, g_batch = torch.randn(m, d, generator=g), 0.7, 1.3
+
+    zz, ee = z.clone().requires_grad_(True), codes.clone().requires_grad_(True)
+    z_q, _, sample_h, batch_h, idx = _TiledIBQ.apply(zz, ee, temperature, code_tile, pos_tile, True, 0.0)
+    ((z_q * upstream).sum() + g_sample * sample_h + g_batch * batch_h).backward()
+
+    logits = _float32_tile_logits(z, codes, code_tile, pos_tile).double().requires_grad_(True)
+    assert 1e4 < logits.abs().max() < 4e4
+    log_q = (logits / temperature).log_softmax(-1)
+    q = log_q.exp()
+    pbar = q.mean(0)
+    loss = ((upstream.double() * (logits.softmax(-1) @ codes.double())).sum()
+            - g_sample * (q * log_q).sum(-1).mean() - g_batch * (pbar * pbar.clamp_min(1e-10).log()).sum())
+    (dl,) = torch.autograd.grad(loss, logits)
+    assert (dl.abs() > 1e-3 * dl.abs().max()).sum() > m  # entropy gradients spread over the near-tied codes
+    de_ref = (dl.t() @ z.double()).index_add_(0, idx, upstream.double())
+    dz_ref = dl @ codes.double()
+    de_err = (ee.grad.double() - de_ref).abs().max() / de_ref.abs().max()
+    # dz sums near-equal codes with cancelling weights: measure the error against the sum's own scale
+    dz_err = (zz.grad.double() - dz_ref).abs().max() / (dl.abs() @ codes.double().abs()).max()
+    assert de_err < 1e-3 and dz_err < 1e-3, (de_err.item(), dz_err.item())

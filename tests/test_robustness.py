@@ -287,6 +287,7 @@ def test_cli_prints_user_and_os_errors_as_one_line_and_tracebacks_on_debug(monke
 def test_every_error_class_is_a_user_error():
     import inspect
 
+    import pipelines.convert
     import pipelines.data
     import pipelines.errors
     import pipelines.eval.inception
@@ -294,8 +295,8 @@ def test_every_error_class_is_a_user_error():
     import pipelines.generate
     import pipelines.tokens.shards
 
-    for module in (pipelines.errors, pipelines.data, pipelines.eval.inception, pipelines.eval.metrics,
-                   pipelines.generate, pipelines.tokens.shards):
+    for module in (pipelines.errors, pipelines.convert, pipelines.data, pipelines.eval.inception,
+                   pipelines.eval.metrics, pipelines.generate, pipelines.tokens.shards):
         for name, obj in inspect.getmembers(module, inspect.isclass):
             if issubclass(obj, Exception) and obj.__module__ == module.__name__:
                 assert issubclass(obj, UserError), name

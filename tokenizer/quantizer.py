@@ -30,7 +30,12 @@ from torch.autograd.function import once_differentiable
 
 from pipelines.errors import ConfigError  # a leaf module: the error class only
 
-ENTROPY_EPS = 1e-10  # guards log(0) in the batch-average entropy when a code's mean probability underflows
+ENTROPY_EPS = 1e-10  # guards log(0) in the exact batch-average entropy when a code's mean probability underflows
+# The official IBQ code (like MAGVIT-2's) computes the batch-average entropy as -sum(p * log(p + 1e-5)).
+# It is not a guard only: at 2^18 codes the mean code probability (~4e-6) is below 1e-5, so the term and its
+# gradient (-(log(p + eps) + p / (p + eps)) instead of -(log p + 1)) differ exactly where utilisation matters.
+# ``IBQuantizer(entropy_eps=...)`` defaults to this official form; 0 selects the exact entropy.
+OFFICIAL_ENTROPY_EPS = 1e-5
 
 
 @dataclass
@@ -87,17 +92,27 @@ def entropy(p: Tensor, dim: int = -1) -> Tensor:
     return -(p * torch.log(p.clamp_min(ENTROPY_EPS))).sum(dim)
 
 
-def entropy_loss_terms(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def batch_entropy(pbar: Tensor, eps: float = OFFICIAL_ENTROPY_EPS) -> Tensor:
+    """Entropy of the batch-average distribution: ``-sum(p log(p + eps))``, or the exact entropy when eps == 0."""
+    if eps > 0:
+        return -(pbar * torch.log(pbar + eps)).sum(-1)
+    return entropy(pbar)
+
+
+def entropy_loss_terms(logits: Tensor, temperature: float,
+                       eps: float = OFFICIAL_ENTROPY_EPS) -> tuple[Tensor, Tensor]:
     """Per-position entropy (mean over positions) and entropy of the batch-average distribution.
 
     ``logits`` is (M, N). Computed in float32 whatever the autocast dtype: at T = 0.01 the
-    scaled logits span thousands, which half precision cannot hold.
+    scaled logits span thousands, which half precision cannot hold. ``eps`` enters the batch term
+    only (see ``OFFICIAL_ENTROPY_EPS``); the official per-position term adds it inside log_softmax,
+    where it cancels, so that term is exact in both.
     """
     scaled = _upcast(logits) / temperature
     log_p = F.log_softmax(scaled, dim=-1)
     p = log_p.exp()
     sample_entropy = -(p * log_p).sum(-1).mean()
-    avg_entropy = entropy(p.mean(0))
+    avg_entropy = batch_entropy(p.mean(0), eps)
     return sample_entropy, avg_entropy
 
 
@@ -164,8 +179,11 @@ class _Scratch:
         return [b[: r * c].view(r, c) for b, (r, c) in zip(self.bufs, shapes, strict=False)]
 
 
-def _batch_entropy_grad(pbar: Tensor) -> Tensor:
-    """d/dpbar of entropy(pbar) exactly as autograd differentiates ``entropy`` (clamp included)."""
+def _batch_entropy_grad(pbar: Tensor, eps: float) -> Tensor:
+    """d/dpbar of ``batch_entropy(pbar, eps)`` exactly as autograd differentiates it (the clamp too when eps == 0)."""
+    if eps > 0:
+        shifted = pbar + eps
+        return -(shifted.log() + pbar / shifted)
     return -(pbar.clamp_min(ENTROPY_EPS).log() + (pbar >= ENTROPY_EPS).to(pbar.dtype))
 
 
@@ -202,7 +220,7 @@ class _TiledIBQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z_flat: Tensor, codebook: Tensor, temperature: float, code_tile: int, pos_tile: int,
-                need_grad: bool = True):
+                need_grad: bool = True, entropy_eps: float = OFFICIAL_ENTROPY_EPS):
         dtype = _compute_dtype(z_flat, codebook)
         z, codes = z_flat.detach().to(dtype), codebook.detach().to(dtype)
         (m, d), n, t = z.shape, codes.shape[0], temperature
@@ -247,12 +265,12 @@ class _TiledIBQ(torch.autograd.Function):
                 q = torch.clamp(log_q, min=EXP_FLOOR, out=buf).exp_()
                 pbar_sum[n0:n1] += ones[: i1 - i0] @ q  # column sums; BLAS is faster than sum(0)
                 if fused_c:
-                    c += q @ _batch_entropy_grad(pbar_sum[n0:n1] / m)
+                    c += q @ _batch_entropy_grad(pbar_sum[n0:n1] / m, entropy_eps)
                 sample_ent[i0:i1] -= log_q.mul_(q).sum(1)
         if need_grad:
             soft_codes /= sum_p[:, None]
         pbar = pbar_sum / m
-        g = _batch_entropy_grad(pbar)
+        g = _batch_entropy_grad(pbar, entropy_eps)
         if need_grad and not fused_c:  # positions were split: one more sweep for c_i = sum_n q_in g_n
             for n0, n1 in code_tiles:
                 for i0, i1 in pos_tiles:
@@ -264,7 +282,7 @@ class _TiledIBQ(torch.autograd.Function):
         ctx.mark_non_differentiable(idx)
         ctx.save_for_backward(z_flat, codebook, idx, row_max, sum_p, log_sum_q, sample_ent, c, g, soft_codes)
         ctx.temperature, ctx.code_tile, ctx.pos_tile = t, code_tile, pos_tile
-        return hard.clone(), hard, sample_ent.mean(), entropy(pbar), idx
+        return hard.clone(), hard, sample_ent.mean(), batch_entropy(pbar, entropy_eps), idx
 
     @staticmethod
     @once_differentiable
@@ -287,14 +305,15 @@ class _TiledIBQ(torch.autograd.Function):
             scale = -g_sample / t
             dz = torch.zeros_like(z) if need_z else None
             de = torch.zeros_like(codes) if need_e else None
-            pos_tiles = _tiles(m, ctx.pos_tile)
-            stacked = [torch.cat([z[i0:i1], g_scaled[i0:i1]]) for i0, i1 in pos_tiles]  # one matmul for l and h
-            scratch = _Scratch(2, 2 * min(ctx.pos_tile, m) * min(ctx.code_tile, n), z, dtype)
+            scratch = _Scratch(3, min(ctx.pos_tile, m) * min(ctx.code_tile, n), z, dtype)
             for n0, n1 in _tiles(n, ctx.code_tile):
-                for (i0, i1), zg in zip(pos_tiles, stacked, strict=True):
-                    both, buf = scratch.views((2 * (i1 - i0), n1 - n0), (i1 - i0, n1 - n0))
-                    torch.matmul(zg, codes[n0:n1].t(), out=both)
-                    shifted, dl = both[: i1 - i0].sub_(row_max[i0:i1, None]), both[i1 - i0:]
+                for i0, i1 in _tiles(m, ctx.pos_tile):
+                    logits, dl, buf = scratch.views(*[(i1 - i0, n1 - n0)] * 3)
+                    # The logits exactly as forward made them (same operands, shapes and output layout): one
+                    # matmul of other shape (e.g. z stacked with G) rounds differently, and at T = 0.01 an ulp
+                    # of |l| ~ 3e4 is a factor e^0.2 in q, i.e. a wrong entropy gradient.
+                    shifted = torch.matmul(z[i0:i1], codes[n0:n1].t(), out=logits).sub_(row_max[i0:i1, None])
+                    torch.matmul(g_scaled[i0:i1], codes[n0:n1].t(), out=dl)
                     dl.sub_(g_soft_bar[i0:i1, None]).mul_(torch.clamp(shifted, min=EXP_FLOOR, out=buf).exp_())
                     q = torch.div(shifted, t, out=buf).sub_(log_sum_q[i0:i1, None]).clamp_min_(EXP_FLOOR).exp_()
                     x = shifted.mul_(scale).add_(row_term[i0:i1, None]).add_(col_term[None, n0:n1])
@@ -306,7 +325,7 @@ class _TiledIBQ(torch.autograd.Function):
             if need_e:
                 de.index_add_(0, idx, g_zq + g_hard.to(dtype))
         return (dz.to(z_flat.dtype) if need_z else None, de.to(codebook.dtype) if need_e else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 class IBQuantizer(nn.Module):
@@ -316,6 +335,8 @@ class IBQuantizer(nn.Module):
       quant = mean((z_q - z)^2) + mean((sg(E[idx]) - z)^2) + beta * mean((E[idx] - sg(z))^2)
       entropy = sample_weight * mean_i H(p_i) - batch_weight * H(mean_i p_i),  p = softmax(logits / T)
       loss = quant_weight * quant + entropy_weight * entropy
+    The batch term H(pbar) is -sum(pbar log(pbar + entropy_eps)) as in the official code (``entropy_eps=0``:
+    the exact entropy; see ``OFFICIAL_ENTROPY_EPS``).
     ``beta_on_codebook=False`` moves beta to the commitment term, as the paper's equation writes it.
     ``impl``: "naive" builds the (positions x N) logits; "tiled" computes the same values and
     gradients in code_tile x pos_tile blocks (memory independent of N); "auto" = tiled from
@@ -336,8 +357,11 @@ class IBQuantizer(nn.Module):
         impl: str = "auto",
         code_tile: int = 4096,
         pos_tile: int = 8192,
+        entropy_eps: float = OFFICIAL_ENTROPY_EPS,
     ) -> None:
         super().__init__()
+        if float(entropy_eps) < 0:
+            raise ValueError(f"entropy_eps must be >= 0 (0 = exact entropy), got {entropy_eps}")
         if impl not in IMPLS:
             raise ValueError(f"unknown IBQ impl {impl!r}; choose one of {list(IMPLS)}")
         if int(code_tile) < 1 or int(pos_tile) < 1:
@@ -345,7 +369,7 @@ class IBQuantizer(nn.Module):
         self.num_codes, self.dim = num_codes, dim
         self.beta, self.beta_on_codebook = beta, beta_on_codebook
         self.quant_weight, self.entropy_weight = quant_weight, entropy_weight
-        self.entropy_temperature = entropy_temperature
+        self.entropy_temperature, self.entropy_eps = entropy_temperature, float(entropy_eps)
         self.sample_entropy_weight, self.batch_entropy_weight = sample_entropy_weight, batch_entropy_weight
         self.impl, self.code_tile, self.pos_tile = impl, int(code_tile), int(pos_tile)
         self.embedding = nn.Embedding(num_codes, dim)  # N(0, 1) init, as the reference
@@ -376,7 +400,7 @@ class IBQuantizer(nn.Module):
         # codebook only gets hard^T g from z_q (plus what flows back through the logits).
         soft_codes = soft @ _upcast(codebook.detach())
         zq_flat = hard_codes + (soft_codes - soft_codes.detach()).to(hard_codes.dtype)
-        sample_h, batch_h = entropy_loss_terms(logits, self.entropy_temperature)
+        sample_h, batch_h = entropy_loss_terms(logits, self.entropy_temperature, self.entropy_eps)
         return zq_flat, hard_codes, idx, sample_h, batch_h
 
     def _tiled(self, z_flat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -384,7 +408,7 @@ class IBQuantizer(nn.Module):
         # Under no_grad (evaluation) the sweeps skip what only backward needs.
         need_grad = torch.is_grad_enabled() and (z_flat.requires_grad or codebook.requires_grad)
         zq_flat, hard_codes, sample_h, batch_h, idx = _TiledIBQ.apply(
-            z_flat, codebook, self.entropy_temperature, self.code_tile, self.pos_tile, need_grad)
+            z_flat, codebook, self.entropy_temperature, self.code_tile, self.pos_tile, need_grad, self.entropy_eps)
         return zq_flat, hard_codes, idx, sample_h, batch_h
 
     def forward(self, z: Tensor) -> QuantizerOutput:
@@ -446,25 +470,41 @@ class VectorQuantizer(nn.Module):
     loss = mean((E[idx] - sg(z))^2) + beta * mean((sg(E[idx]) - z)^2). Only selected codes get
     gradient, which is exactly what IBQ changes; keeping both behind one interface makes the
     comparison a config switch.
+
+    ``l2_norm=True`` is LlamaGen's VQ: latents and codes are l2-normalised (in training and inference)
+    before the nearest-code search, the losses and the straight-through estimator, so z_q and
+    ``lookup`` return unit-length codes.
     """
 
-    def __init__(self, num_codes: int, dim: int, beta: float = 0.25, quant_weight: float = 1.0) -> None:
+    def __init__(self, num_codes: int, dim: int, beta: float = 0.25, quant_weight: float = 1.0,
+                 l2_norm: bool = False) -> None:
         super().__init__()
         self.num_codes, self.dim = num_codes, dim
-        self.beta, self.quant_weight = beta, quant_weight
+        self.beta, self.quant_weight, self.l2_norm = beta, quant_weight, bool(l2_norm)
         self.embedding = nn.Embedding(num_codes, dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / num_codes, 1.0 / num_codes)
+        if self.l2_norm:
+            with torch.no_grad():
+                self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
 
-    def _nearest(self, z_flat: Tensor) -> Tensor:
-        e = self.embedding.weight.float()
-        z32 = z_flat.float()
-        dist = z32.pow(2).sum(1, keepdim=True) - 2 * z32 @ e.t() + e.pow(2).sum(1)[None]
+    def codes(self) -> Tensor:
+        """The codebook as used: l2-normalised rows with ``l2_norm``."""
+        return F.normalize(self.embedding.weight, dim=-1) if self.l2_norm else self.embedding.weight
+
+    @staticmethod
+    def _nearest(z_flat: Tensor, codes: Tensor) -> Tensor:
+        """argmin_n |z - E_n|^2, the distance summed as the reference implementations do."""
+        e, z32 = codes.float(), z_flat.float()
+        dist = z32.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1)[None] - 2 * (z32 @ e.t())
         return dist.argmin(-1)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         z_flat = _flatten(z)
-        idx = self._nearest(z_flat.detach())
-        hard = self.embedding.weight[idx]
+        codes = self.codes()
+        if self.l2_norm:
+            z_flat = F.normalize(z_flat, dim=-1)
+        idx = self._nearest(z_flat.detach(), codes.detach())
+        hard = codes[idx]
         zq_flat = z_flat + (hard - z_flat).detach()
         codebook_term = F.mse_loss(hard.float(), z_flat.detach().float())
         commitment = F.mse_loss(hard.detach().float(), z_flat.float())
@@ -480,10 +520,11 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def encode_indices(self, z: Tensor) -> Tensor:
-        return self._nearest(_flatten(z)).reshape(z.shape[0], z.shape[2], z.shape[3])
+        z_flat = F.normalize(_flatten(z), dim=-1) if self.l2_norm else _flatten(z)
+        return self._nearest(z_flat, self.codes()).reshape(z.shape[0], z.shape[2], z.shape[3])
 
     def lookup(self, indices: Tensor) -> Tensor:
-        return self.embedding(indices).permute(0, 3, 1, 2)
+        return self.codes()[indices].permute(0, 3, 1, 2)
 
     def codebook_parameters(self) -> Iterator[nn.Parameter]:
         yield self.embedding.weight

@@ -27,7 +27,7 @@ from accelerate.utils import DistributedType, set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from generator.llama import GPTConfig, LlamaGPT, next_token_loss
-from pipelines.checkpoint import CONFIG_FILE, load_config
+from pipelines.checkpoint import CONFIG_FILE, has_train_state, load_config
 from pipelines.cli import entry_point
 from pipelines.data import EpochBatchSampler, make_loader, save_class_index
 from pipelines.ema import EMA
@@ -59,9 +59,14 @@ def resolve_mixed_precision(name: str) -> str:
     return name
 
 
-def model_config(cfg: DictConfig, manifest: ShardManifest) -> GPTConfig:
-    """The generator config with vocabulary, classes and grid taken from the shard manifest."""
-    spec = OmegaConf.to_container(cfg.generator.model, resolve=True)
+def model_config(cfg: DictConfig, manifest: ShardManifest, saved: dict[str, Any] | None = None) -> GPTConfig:
+    """The generator config with vocabulary, classes and grid taken from the shard manifest.
+
+    ``saved`` (resuming: the run's own ``config.yaml``) is the architecture the run was built with; its
+    missing keys take ``GPTConfig``'s defaults, the behaviour of the code that wrote it (e.g. a run started
+    before ``head_norm`` / ``rope_cls`` existed keeps ``adaln`` / ``identity``), not today's YAML values."""
+    spec = saved["generator"]["model"] if saved else OmegaConf.to_container(cfg.generator.model, resolve=True)
+    spec = {k: v for k, v in spec.items() if k not in ("vocab_size", "num_classes", "grid")}
     return GPTConfig.from_dict({**spec, "vocab_size": manifest.num_codes, "num_classes": manifest.num_classes,
                                 "grid": list(manifest.grid)})
 
@@ -98,14 +103,17 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
     set_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
 
-    # A resumed run must keep reading tokens of the tokenizer it started with.
-    recorded_hash = None
-    if cfg.resume and (run_dir / CONFIG_FILE).exists():
-        recorded_hash = load_config(run_dir).get("tokenizer_hash")
+    # A resumed run must keep reading tokens of the tokenizer it started with, and keeps the model it built.
+    saved = load_config(run_dir) if cfg.resume and (run_dir / CONFIG_FILE).exists() else None
     train_set = TokenShardDataset(cfg.shards, variant=cfg.data.variant, seed=cfg.seed, verify=cfg.data.verify,
-                                  expect_tokenizer_hash=recorded_hash)
+                                  expect_tokenizer_hash=saved.get("tokenizer_hash") if saved else None)
     manifest = train_set.manifest
-    gpt_cfg = model_config(cfg, manifest)
+    resuming = saved is not None and has_train_state(run_dir)
+    gpt_cfg = model_config(cfg, manifest, saved if resuming else None)
+    if resuming and gpt_cfg != (given := model_config(cfg, manifest)) and accelerator.is_main_process:
+        changed = sorted(k for k, v in gpt_cfg.to_dict().items() if given.to_dict()[k] != v)
+        print(f"resuming {run_dir}: the model is the run's own (config.yaml); generator.model keys {changed} "
+              "of the current config are not applied")
     config = OmegaConf.to_container(cfg, resolve=True)
     config["generator"]["model"] = gpt_cfg.to_dict()
     config |= {"tokenizer_hash": manifest.tokenizer_hash, "tokenizer_dir": manifest.tokenizer_path,
