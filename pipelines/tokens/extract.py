@@ -148,19 +148,20 @@ def _settings(cfg: DictConfig, model: IBQTokenizer, tok_hash: str, resolution: i
     }
 
 
-def _read_json(path: Path, what: str) -> Any:
+def _read_json(path: Path, what: str, if_deleted: str) -> Any:
     """A JSON record of a previous extraction; a damaged one is a ``ShardIntegrityError`` naming the file."""
     try:
         return json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ShardIntegrityError(f"{what} {path} is damaged ({err.__class__.__name__}); delete it (the shard it "
-                                  "describes is then extracted again) or re-run with overwrite=true") from err
+        raise ShardIntegrityError(f"{what} {path} is damaged ({err.__class__.__name__}); delete it ({if_deleted}) "
+                                  "or re-run with overwrite=true") from err
 
 
 def _check_previous(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume into a directory made with other settings (it would mix incompatible shards)."""
     path = out / PARTS_DIR / SETTINGS_FILE
-    previous = _read_json(path, "extraction settings") if path.exists() else None
+    previous = _read_json(path, "extraction settings", "this run's settings are recorded again") \
+        if path.exists() else None
     if previous is None and (out / MANIFEST_FILE).exists():
         previous = ShardManifest.read(out).settings
     if previous is not None and previous != settings:
@@ -178,7 +179,7 @@ def _clear(out: Path) -> None:
 
 def _record(out: Path, k: int) -> dict[str, Any] | None:
     path = out / PARTS_DIR / f"{shard_name(k)}.json"
-    return _read_json(path, "shard record") if path.exists() else None
+    return _read_json(path, "shard record", "the shard it describes is then extracted again") if path.exists() else None
 
 
 def _complete(out: Path, k: int) -> bool:

@@ -191,8 +191,8 @@ class Checkpointer:
                 print(f"resume=true but {self.run_dir}/{TRAIN_STATE_DIR} does not exist yet: starting from scratch")
             return None
         if len(state["rng"]) != acc.num_processes:
-            raise ConfigError(f"{self.run_dir}/{TRAIN_STATE_DIR} was saved by {len(state['rng'])} process(es); resume "
-                             f"it with the same number (got {acc.num_processes}) to continue exactly")
+            raise ConfigError(f"{self.run_dir}/{TRAIN_STATE_DIR} was saved by {len(state['rng'])} process(es); "
+                              f"resume it with the same number (got {acc.num_processes}) to continue exactly")
         progress.load_state_dict(state)
         restore_rng(state["rng"][acc.process_index])
         return state
