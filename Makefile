@@ -18,7 +18,7 @@ help:
 	@echo "make train-tokenizer  - train a tokenizer (Hydra overrides via ARGS='key=value ...')"
 	@echo "make tokenize         - tokenize an image dataset into token shards (ARGS='key=value ...')"
 	@echo "make train-ar         - train the AR generator on token shards (ARGS='key=value ...')"
-	@echo "make reconstruct      - reconstruct images with a tokenizer (ARGS='ckpt=... input=... out=...')"
+	@echo "make reconstruct      - reconstruct images with a tokenizer (ARGS='tokenizer=... input=... out=...')"
 	@echo "make sample           - sample images (ARGS='class=3 n=16 ...'; default: every demo class)"
 	@echo "make fid              - evaluate (ARGS='mode=recon tokenizer=... data=...' etc., see conf/eval/fid.yaml)"
 	@echo "make bench            - speed/memory benchmarks (quantizer, extraction, sampling)"
@@ -63,7 +63,7 @@ fid: $(STAMP)
 # The demo recipe (steps, sizes) lives in the configs' defaults; a re-run starts the demo runs afresh.
 demo: demo-data clean-demo
 	$(PY) -m pipelines.train.tokenizer data.root=$(DEMO_DATA) run_dir=runs/tokenizer_demo
-	$(PY) tools/reconstruct.py ckpt=runs/tokenizer_demo input=$(DEMO_DATA)/val out=runs/tokenizer_demo/reconstruct \
+	$(PY) tools/reconstruct.py tokenizer=runs/tokenizer_demo input=$(DEMO_DATA)/val out=runs/tokenizer_demo/reconstruct \
 		max_images=16
 	$(PY) -m pipelines.tokens.extract tokenizer_ckpt=runs/tokenizer_demo data.root=$(DEMO_DATA) \
 		out_dir=runs/tokens_demo overwrite=true

@@ -2,10 +2,14 @@
 
 File I/O only (building a model from a checkpoint is the job of ``tokenizer.model.load_tokenizer`` and
 ``generator.llama.load_generator``). Every file is written atomically (``pipelines.util.atomic_write``).
+Everything read is verified: ``train_state/state.pt`` against the sha256 in ``train_state/state.sha256``
+(hashed while writing, written last), and a damaged or truncated file of any kind is a one-line
+``CorruptFileError`` naming it and saying how to recover.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -15,14 +19,16 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from pipelines.errors import MissingCheckpointError
-from pipelines.util import atomic_write, atomic_write_text, file_sha256
+from pipelines.errors import CorruptFileError, MissingCheckpointError
+from pipelines.util import HashingWriter, atomic_write, atomic_write_text, file_sha256
 
 MODEL_FILE, CONFIG_FILE, TRAIN_STATE_DIR = "model.safetensors", "config.yaml", "train_state"
+STATE_FILE, STATE_CHECKSUM = "state.pt", "state.sha256"
+FSDP_STEP_FILE = "fsdp_step.json"  # train_state/ of an FSDP run: accelerate's sharded state in fsdp/ plus this
 
 __all__ = ["MODEL_FILE", "CONFIG_FILE", "TRAIN_STATE_DIR", "MissingCheckpointError", "save_config", "save_model",
            "load_config", "load_model", "weights_hash", "capture_rng", "restore_rng", "save_train_state",
-           "load_train_state"]
+           "load_train_state", "has_train_state"]
 
 
 def save_config(config: dict[str, Any], directory: str | Path) -> None:
@@ -44,15 +50,30 @@ def _require(path: Path, what: str) -> Path:
 
 def load_config(directory: str | Path) -> dict[str, Any]:
     path = _require(Path(directory) / CONFIG_FILE, "checkpoint config")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as err:  # yaml.YAMLError, UnicodeDecodeError, OmegaConf errors: all mean "not readable"
+        raise CorruptFileError(f"checkpoint config {path} is damaged ({type(err).__name__}); restore it from a copy "
+                               "of the run (it is the run's resolved config)") from err
+    if not isinstance(config, dict) or not config:
+        raise CorruptFileError(f"checkpoint config {path} is empty or damaged; restore it from a copy of the run "
+                               "(it is the run's resolved config)")
+    return config
 
 
 def load_model(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, config dict) from a checkpoint directory."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = _require(Path(directory), "checkpoint directory")
-    state = load_file(str(_require(directory / MODEL_FILE, "checkpoint weights")))
+    path = _require(directory / MODEL_FILE, "checkpoint weights")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptFileError(f"checkpoint weights {path} are truncated or damaged ({' '.join(str(err).split())}); "
+                               f"restore it from a copy (a run that has {TRAIN_STATE_DIR}/ rewrites it at its next "
+                               "checkpoint when resumed with resume=true)") from err
     return state, load_config(directory)
 
 
@@ -82,13 +103,55 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
-    """Everything needed to resume (weights, optimizers, EMA, step, RNG) in one file."""
-    atomic_write(Path(directory) / TRAIN_STATE_DIR / "state.pt", lambda tmp: torch.save(state, tmp))
+    """Everything needed to resume (weights, optimizers, EMA, step, RNG) in one file, with its sha256 (hashed while
+    writing, never read back) in ``state.sha256``. The record is written once the new file is complete and before
+    it is renamed into place, and keeps the previous file's hash too, so a kill at any moment leaves a
+    ``state.pt`` that matches its record, and any other content (a flipped byte, a truncation) does not."""
+    folder = Path(directory) / TRAIN_STATE_DIR
+    record = folder / STATE_CHECKSUM
+    previous = _recorded_hashes(record)[0] if record.exists() and (folder / STATE_FILE).exists() else None
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            w = HashingWriter(f)
+            torch.save(state, w)
+        atomic_write_text(record, json.dumps({"file": STATE_FILE, "sha256": w.sha256.hexdigest(),
+                                              "previous_sha256": previous, "step": state.get("step")}))
+
+    atomic_write(folder / STATE_FILE, write)
+
+
+def _recorded_hashes(record: Path) -> list[str]:
+    """[sha256 of the newest state, sha256 of the one before (until the newest is renamed into place)]."""
+    try:
+        d = json.loads(record.read_text())
+        return [d["sha256"]] + ([d["previous_sha256"]] if d.get("previous_sha256") else [])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CorruptFileError(f"checksum file {record} is damaged; delete it to resume without the check, or "
+                               "restore it from a copy") from err
+
+
+def has_train_state(directory: str | Path) -> bool:
+    folder = Path(directory) / TRAIN_STATE_DIR
+    return (folder / STATE_FILE).exists() or (folder / FSDP_STEP_FILE).exists()
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any] | None:
-    """The saved training state, or None when the run has none yet (fresh start)."""
-    path = Path(directory) / TRAIN_STATE_DIR / "state.pt"
+    """The saved training state, or None when the run has none yet (fresh start). A state that fails its checksum
+    or cannot be unpickled is a ``CorruptFileError`` naming the file."""
+    folder = Path(directory) / TRAIN_STATE_DIR
+    path = folder / STATE_FILE
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    recover = (f"resuming is not possible from it; restore {folder} from a copy, or start again with resume=false "
+               f"overwrite=true (the weights in {MODEL_FILE} stay until the first new checkpoint)")
+    record = folder / STATE_CHECKSUM
+    if record.exists():  # absent only for runs saved before checksums existed
+        if file_sha256(path) not in _recorded_hashes(record):
+            raise CorruptFileError(f"training state {path} fails its checksum ({record}): the file is truncated or "
+                                   f"damaged; {recover}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # zip / unpickling errors of a damaged file
+        raise CorruptFileError(f"training state {path} is truncated or damaged ({type(err).__name__}); "
+                               f"{recover}") from err

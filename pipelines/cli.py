@@ -1,9 +1,14 @@
-"""Entry-point plumbing: Hydra configs from ``conf/``, and a ``UserError`` becomes one ``error: ...`` line with exit
-code 2 instead of a traceback."""
+"""Entry-point plumbing: Hydra configs from ``conf/``, and user errors as one ``error: ...`` line.
+
+A ``UserError`` (every error a user can fix from its message) or an ``OSError`` (a file the system refuses:
+missing, unreadable, disk full) prints ``error: <message>`` and exits with code 2. ``IBQ_DEBUG=1`` in the
+environment re-raises instead, so the full traceback is printed.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,9 +17,10 @@ from typing import Any, TypeVar
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError
 
 F = TypeVar("F", bound=Callable)
+DEBUG_ENV = "IBQ_DEBUG"
 
 
 def user_errors_exit(fn: F) -> F:
@@ -24,8 +30,11 @@ def user_errors_exit(fn: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+        except (UserError, OSError) as err:
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            message = " ".join(str(err).split()) or type(err).__name__
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
@@ -45,3 +54,46 @@ def entry_point(config_name: str, run: Callable[[DictConfig], Any], tool: bool =
         run(cfg)
 
     return main
+
+
+# ------------------------------------------------------------------------------------ option checks
+# Every command checks its options before any work starts; a bad one is a ConfigError naming the key and range.
+
+
+def _value(cfg: Any, key: str) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key) if OmegaConf.is_config(cfg) else cfg.get(key)
+
+
+def require_int(cfg: Any, key: str, minimum: int | None = None, optional: bool = False) -> None:
+    """``key`` is an integer >= ``minimum`` (or null when ``optional``)."""
+    v = _value(cfg, key)
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or (minimum is not None and v < minimum):
+        rng = f" >= {minimum}" if minimum is not None else ""
+        raise ConfigError(f"{key} must be an integer{rng}{' or null' if optional else ''}, got {v!r}")
+
+
+def require_number(cfg: Any, key: str, low: float | None = None, high: float | None = None,
+                   low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """``key`` is a number in the interval [low, high] (``*_open``: the end excluded), or null when ``optional``."""
+    v = _value(cfg, key)
+    if v is None and optional:
+        return
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and v == v
+    ok = ok and (low is None or (v > low if low_open else v >= low)) and (high is None or (v < high if high_open
+                                                                                          else v <= high))
+    if not ok:
+        lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
+        hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must be a number in {lo}, {hi}{' or null' if optional else ''}, got {v!r}")
+
+
+def require_choice(cfg: Any, key: str, choices: tuple, optional: bool = False) -> None:
+    v = _value(cfg, key)
+    if (v is None and optional) or v in choices:
+        return
+    raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}{' or null' if optional else ''}, "
+                      f"got {v!r}")

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ def scan_image_folder(split_dir: str | Path) -> tuple[list[tuple[str, int]], lis
 
     Works for the demo tree (``train/00_red_circle/00000.png``) and ImageNet's
     (``train/n01440764/n01440764_10026.JPEG``); classes are sorted so indices match torchvision.
+    Symbolic links are followed (a linked class folder or image counts as if it were there); a class folder
+    without images is an error, since it would still take a class index.
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
@@ -56,9 +58,14 @@ def scan_image_folder(split_dir: str | Path) -> tuple[list[tuple[str, int]], lis
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if not classes:
         raise DatasetNotFoundError(f"{split_dir} has no class sub-folders (<split>/<class>/<images>)")
-    samples = [(str(f), i) for i, c in enumerate(classes) for f in image_files(split_dir / c, recursive=False)]
-    if not samples:
+    per_class = [image_files(split_dir / c, recursive=False) for c in classes]
+    if not any(per_class):
         raise DatasetNotFoundError(f"{split_dir} has class folders but no images ({IMAGE_EXTENSIONS})")
+    if empty := [c for c, files in zip(classes, per_class, strict=True) if not files]:
+        raise DatasetNotFoundError(f"class folder {split_dir / empty[0]} has no images ({len(empty)} empty class "
+                                   f"folder(s) in {split_dir}); add images or remove it: it would still take a class "
+                                   "index")
+    samples = [(str(f), i) for i, files in enumerate(per_class) for f in files]
     return samples, classes
 
 
@@ -73,10 +80,22 @@ def augment_seed(seed: int, epoch: int, index: int) -> int:
     return hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, 8 bits per channel. 16-bit greyscale (PIL modes I;16* and I) is scaled to 8 bits (v / 257), not
+    clipped at 255 as ``convert`` would do (which turns nearly every pixel white)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        import numpy as np
+
+        a = np.asarray(img).astype(np.float64)
+        scale = 257.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
+        return Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return _to_rgb(img)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         raise CorruptImageError(f"cannot decode image {path}: {err}") from err
 
@@ -119,7 +138,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | Path, split: str, resolution: int, on_corrupt: str = "skip",
                  seed: int = 0) -> None:
         if on_corrupt not in ("skip", "error"):
-            raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
+            raise ConfigError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
         self.samples, self.classes = scan_image_folder(Path(root) / split)
         self.resolution, self.on_corrupt, self.seed = resolution, on_corrupt, seed
 
@@ -162,7 +181,7 @@ class EpochBatchSampler(Sampler[list]):
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.epoch, self.skip_batches = 0, 0
         if self.drop_last and len(self) == 0:
-            raise ValueError(f"{num_items} images cannot fill one global batch of {self._global} "
+            raise ConfigError(f"{num_items} images cannot fill one global batch of {self._global} "
                              f"({batch_size} per process x {world_size} processes)")
 
     @property

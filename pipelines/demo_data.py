@@ -33,6 +33,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipelines.errors import ConfigError, UserError
+
 # Every pair of classes differs in colour and in shape or texture (tests check this), so a class
 # stays identifiable when one attribute is blurred away by downsampling or lossy compression.
 CLASSES: list[dict] = [
@@ -252,7 +254,7 @@ def make_demo_dataset(
     """
     root = Path(root)
     if seed < 0 or train_per_class < 1 or val_per_class < 0 or size < 8:
-        raise ValueError("need seed >= 0, train_per_class >= 1, val_per_class >= 0 and size >= 8")
+        raise ConfigError("need seed >= 0, train_per_class >= 1, val_per_class >= 0 and size >= 8")
     meta = _meta(seed, train_per_class, val_per_class, size)
     if not overwrite and _is_complete(root, meta):
         return root
@@ -304,19 +306,19 @@ def parse_args(argv: Sequence[str]) -> dict:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or not key:
-            raise ValueError(f"expected key=value, got {arg!r} (valid keys: {valid})")
+            raise ConfigError(f"expected key=value, got {arg!r} (valid keys: {valid})")
         if key not in DEFAULTS:
-            raise ValueError(f"unknown key {key!r} (valid keys: {valid})")
+            raise ConfigError(f"unknown key {key!r} (valid keys: {valid})")
         default = DEFAULTS[key]
         if isinstance(default, bool):
             if value.lower() not in _TRUE | _FALSE:
-                raise ValueError(f"{key} must be true or false, got {value!r}")
+                raise ConfigError(f"{key} must be true or false, got {value!r}")
             cfg[key] = value.lower() in _TRUE
         elif isinstance(default, int):
             try:
                 cfg[key] = int(value)
             except ValueError:
-                raise ValueError(f"{key} must be an integer, got {value!r}") from None
+                raise ConfigError(f"{key} must be an integer, got {value!r}") from None
         else:
             cfg[key] = value
     return cfg
@@ -334,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = _meta(cfg["seed"], cfg["train_per_class"], cfg["val_per_class"], cfg["size"])
         reused = not cfg["overwrite"] and _is_complete(root, meta)
         make_demo_dataset(root, **{**cfg, "workers": cfg["workers"] or None})
-    except (ValueError, FileExistsError) as err:
+    except (UserError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     n_train, n_val = len(CLASSES) * cfg["train_per_class"], len(CLASSES) * cfg["val_per_class"]

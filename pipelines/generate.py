@@ -21,8 +21,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from generator.llama import LlamaGPT, load_generator
-from generator.sampling import generate
+from generator.sampling import CFG_SCHEDULES, generate
 from pipelines.checkpoint import MissingCheckpointError, weights_hash
+from pipelines.cli import require_choice, require_int, require_number
 from pipelines.errors import UserError
 from pipelines.images import to_uint8
 from tokenizer.model import IBQTokenizer, load_tokenizer
@@ -90,13 +91,25 @@ NEUTRAL_RECIPE = {"cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "t
 SAMPLING_KEYS = tuple(NEUTRAL_RECIPE)  # the same key names in conf/tools/sample.yaml and conf/tools/fid.yaml
 
 
+def check_sampling_options(values: Any, optional: bool = True) -> None:
+    """The sampling keys' ranges (``ConfigError`` naming the key); ``optional``: None means unset."""
+    require_number(values, "cfg", 0, optional=optional)
+    require_choice(values, "cfg_schedule", CFG_SCHEDULES, optional=optional)
+    require_number(values, "temperature", 0, low_open=True, optional=optional)
+    require_int(values, "top_k", 0, optional=optional)
+    require_number(values, "top_p", 0, 1, low_open=True, optional=optional)
+
+
 def sampling_recipe(given: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """The settings to sample with: ``given`` values (None = unset), else the run's ``generator.sample``
-    (``cfg_scale`` there), else no guidance / temperature 1 / no filtering."""
+    (``cfg_scale`` there), else no guidance / temperature 1 / no filtering. Every value is range-checked."""
+    check_sampling_options(given)
     recipe = dict(config.get("generator", {}).get("sample") or {})
     if "cfg_scale" in recipe:
         recipe["cfg"] = recipe.pop("cfg_scale")
-    return {k: given[k] if given.get(k) is not None else recipe.get(k, v) for k, v in NEUTRAL_RECIPE.items()}
+    out = {k: given[k] if given.get(k) is not None else recipe.get(k, v) for k, v in NEUTRAL_RECIPE.items()}
+    check_sampling_options(out, optional=False)
+    return out
 
 
 def sample_generators(labels: Tensor, indices: Tensor, seed: int, device: torch.device) -> list[torch.Generator]:

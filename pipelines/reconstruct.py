@@ -1,6 +1,6 @@
 """Reconstruct images through a tokenizer: per-image reconstructions, a side-by-side grid, token grids.
 
-    python tools/reconstruct.py ckpt=runs/tokenizer_demo input=data/demo/val out=runs/reconstruct max_images=16
+    python tools/reconstruct.py tokenizer=runs/tokenizer_demo input=data/demo/val out=runs/reconstruct max_images=16
 
 ``max_images`` picks that many evenly spaced over the sorted file list. Writes ``<out>/<name>.png``
 (reconstruction), ``<out>/side_by_side.png`` (originals above, reconstructions below, up to 16 per
@@ -14,10 +14,11 @@ import warnings
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from omegaconf import DictConfig, ListConfig
 from tqdm.auto import tqdm
 
-from pipelines.cli import entry_point
+from pipelines.cli import entry_point, require_int
 from pipelines.data import (
     IMAGE_EXTENSIONS,
     CorruptImageError,
@@ -27,7 +28,7 @@ from pipelines.data import (
     resize_and_crop,
 )
 from pipelines.images import psnr, save_png, save_rows, to_uint8
-from pipelines.util import evenly_spaced, pick_device
+from pipelines.util import atomic_write_text, claim_directory, evenly_spaced, pick_device
 from tokenizer.model import load_tokenizer
 
 
@@ -46,13 +47,19 @@ def list_images(spec: str | list[str]) -> list[Path]:
 
 
 def reconstruct(cfg: DictConfig) -> dict:
+    require_int(cfg, "batch_size", 1)
+    require_int(cfg, "max_images", 1, optional=True)
     device = pick_device(cfg.device)
-    model = load_tokenizer(cfg.ckpt, device)
-    res = model.cfg.resolution
+    model = load_tokenizer(cfg.tokenizer, device)
     files = list_images(cfg.input)
     files = [files[i] for i in evenly_spaced(len(files), cfg.max_images or None)]  # every class of a sorted folder
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with claim_directory(PartialState(), out, "reconstruction directory"):
+        return _reconstruct(cfg, model, files, out, device)
+
+
+def _reconstruct(cfg: DictConfig, model, files: list[Path], out: Path, device: torch.device) -> dict:
+    res = model.cfg.resolution
     tokens, originals, recons, scores = {}, [], [], []
     for start in tqdm(range(0, len(files), cfg.batch_size), desc="reconstruct"):
         batch, names = [], []
@@ -79,7 +86,7 @@ def reconstruct(cfg: DictConfig) -> dict:
     for g in range(0, len(originals), 16):
         suffix = "" if g == 0 else f"_{g // 16}"
         save_rows([originals[g:g + 16], recons[g:g + 16]], out / f"side_by_side{suffix}.png")
-    (out / "tokens.json").write_text(json.dumps({"grid": list(idx.shape[1:]), "tokens": tokens}))
+    atomic_write_text(out / "tokens.json", json.dumps({"grid": list(idx.shape[1:]), "tokens": tokens}))
     summary = {"images": len(scores), "psnr": sum(scores) / max(len(scores), 1), "out": str(out)}
     print(f"{summary['images']} images reconstructed, mean PSNR {summary['psnr']:.2f} dB -> "
           f"{out}/side_by_side.png, per-image PNGs, tokens.json")

@@ -16,19 +16,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.cli import entry_point
-from pipelines.generate import SAMPLING_KEYS, iter_images, load_pipeline, resolve_classes, sample_plan, sampling_recipe
+from pipelines.cli import entry_point, require_int
+from pipelines.generate import (
+    SAMPLING_KEYS,
+    check_sampling_options,
+    iter_images,
+    load_pipeline,
+    resolve_classes,
+    sample_plan,
+    sampling_recipe,
+)
 from pipelines.images import save_png, save_rows
-from pipelines.util import pick_device, save_npz
+from pipelines.util import claim_directory, pick_device, save_npz
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
+def check_options(cfg: DictConfig) -> None:
+    for key in ("n", "batch_size", "grid_max_per_class"):
+        require_int(cfg, key, 1)
+    require_int(cfg, "seed", 0)
+    check_sampling_options({k: cfg[k] for k in SAMPLING_KEYS})
+
+
 def sample(cfg: DictConfig) -> dict:
+    check_options(cfg)
     ckpt = cfg.ckpt
     if ckpt is None:
         ckpt = cfg.demo_ckpt
@@ -41,7 +58,14 @@ def sample(cfg: DictConfig) -> dict:
     opts = sampling_recipe({k: cfg[k] for k in SAMPLING_KEYS}, config)
     labels, indices = sample_plan(classes, cfg.n)
     out = Path(cfg.out or Path(ckpt) / "samples")
+    with claim_directory(PartialState(), out, "sample directory"):
+        return _sample(cfg, model, tokenizer, classes, names, opts, labels, indices, out, device)
+
+
+def _sample(cfg: DictConfig, model, tokenizer, classes: list[int], names: list[str], opts: dict, labels: torch.Tensor,
+            indices: torch.Tensor, out: Path, device: torch.device) -> dict:
     (out / "images").mkdir(parents=True, exist_ok=True)
+    tmp_npy = out / ".samples_arr_0.npy.tmp"  # removed at start-up if a killed run left it
     print(f"sampling {cfg.n} x {len(classes)} class(es) {classes} | cfg {opts['cfg']} ({opts['cfg_schedule']}) "
           f"temperature {opts['temperature']} top_k {opts['top_k']} top_p {opts['top_p']} seed {cfg.seed} | {device}")
 
@@ -51,7 +75,7 @@ def sample(cfg: DictConfig) -> dict:
     counts = dict.fromkeys(classes, 0)
     for chunk, images in iter_images(model, tokenizer, labels, indices, opts, cfg.seed, cfg.batch_size, cfg.use_cache):
         if cfg.save_npz and npy is None:
-            npy = np.lib.format.open_memmap(out / ".samples_arr_0.npy", mode="w+", dtype=np.uint8,
+            npy = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8,
                                             shape=(len(labels), *images.shape[1:]))
         if npy is not None:
             npy[done:done + len(images)] = images.numpy()
@@ -71,8 +95,8 @@ def sample(cfg: DictConfig) -> dict:
     if npy is not None:
         npy.flush()
         del npy
-        save_npz(out / "samples.npz", arr_0=np.load(out / ".samples_arr_0.npy", mmap_mode="r"), labels=labels.numpy())
-        (out / ".samples_arr_0.npy").unlink()
+        save_npz(out / "samples.npz", arr_0=np.load(tmp_npy, mmap_mode="r"), labels=labels.numpy())
+        tmp_npy.unlink()
         written.append(f"{out / 'samples.npz'} (arr_0: uint8 {len(labels)} x H x W x 3)")
     print("wrote " + ", ".join(written))
     return {"out": str(out), "classes": classes, "num_samples": len(labels), **opts}

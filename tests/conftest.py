@@ -11,7 +11,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from pipelines.checkpoint import save_model
 from pipelines.demo_data import make_demo_dataset
+from pipelines.tokens.extract import extract
+from tokenizer.model import IBQTokenizer, TokenizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +74,49 @@ def tokenizer_cfg(demo_root, tmp_path):
                                                   *TINY_TOKENIZER, *extra])
 
     return make
+
+
+TINY_GENERATOR = [
+    "generator.model.dim=32",
+    "generator.model.n_layer=2",
+    "generator.model.n_head=2",
+    "generator.model.ffn_multiple_of=16",
+    "train.batch_size=8",
+    "train.warmup_steps=5",
+    "train.lr=3e-3",
+    "train.cpu=true",
+    "data.num_workers=0",
+    "tensorboard=false",
+    "log_every=5",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(demo_root, tmp_path_factory) -> Path:
+    """An untrained tiny tokenizer checkpoint (32 px -> 8x8 tokens, 64 codes): its tokens still follow the images."""
+    cfg = compose_config("train_tokenizer", [f"data.root={demo_root}", *TINY_TOKENIZER])
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(0)
+    model = IBQTokenizer(TokenizerConfig.from_dict(config["tokenizer"]["model"]))
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    save_model(out, model.state_dict(), config)
+    return out
+
+
+@pytest.fixture(scope="session")
+def token_shards(demo_root, tiny_tokenizer, tmp_path_factory) -> Path:
+    """Token shards of the tiny demo set (60 images x {centre, flip}) made by the real extractor."""
+    out = tmp_path_factory.mktemp("shards") / "tokens"
+    extract(compose_config("extract_tokens", [f"tokenizer_ckpt={tiny_tokenizer}", f"data.root={demo_root}",
+                                              f"out_dir={out}", "data.num_workers=0", "cpu=true", "shard_size=25",
+                                              "batch_size=16"]))
+    return out
+
+
+def ar_cfg(shards: Path, run_dir: Path, extra: list[str] = ()):
+    return compose_config("train_ar", [f"shards={shards}", f"run_dir={run_dir}", *TINY_GENERATOR, *extra])
 
 
 def launch_two_processes(pipeline: str, overrides: list[str], dump: Path, port: int) -> list[dict]:

@@ -107,7 +107,7 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingCheckpointError, match="model.safetensors"):
         load_tokenizer(tmp_path / "empty")
-    proc = subprocess.run([sys.executable, "tools/reconstruct.py", f"ckpt={tmp_path / 'nope'}", "input=."],
+    proc = subprocess.run([sys.executable, "tools/reconstruct.py", f"tokenizer={tmp_path / 'nope'}", "input=."],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: checkpoint directory not found")

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipelines.cli import entry_point
+from pipelines.cli import entry_point, require_choice, require_int
 from pipelines.eval.demo import run_demo
 from pipelines.eval.inception import CONVERTED_FILE, inception_cache_dir, prepare_inception_weights
 from pipelines.eval.modes import run_gen, run_recon, run_samples
+from pipelines.generate import SAMPLING_KEYS, check_sampling_options
 from pipelines.util import pick_device
 
 MODES = {"samples": run_samples, "recon": run_recon, "gen": run_gen, "demo": run_demo}
@@ -40,12 +41,21 @@ def prepare_weights(cfg: DictConfig) -> Path:
     return path
 
 
+def check_options(cfg: DictConfig) -> None:
+    require_choice(cfg, "mode", tuple(MODES))
+    for key in ("batch_size", "per_class", "is_splits", "prc_neighborhood", "classifier_epochs"):
+        require_int(cfg, key, 1)
+    require_int(cfg, "max_images", 2, optional=True)
+    require_int(cfg, "resolution", 8, optional=True)
+    require_int(cfg, "seed", 0)
+    check_sampling_options({k: cfg[k] for k in SAMPLING_KEYS})
+
+
 def evaluate(cfg: DictConfig) -> dict | None:
     if cfg.prepare_weights:
         prepare_weights(cfg)
         return None
-    if cfg.mode not in MODES:
-        raise ValueError(f"unknown mode={cfg.mode!r}; choose one of {', '.join(MODES)}")
+    check_options(cfg)
     device = pick_device(cfg.device)
     if cfg.mode != "gen":
         from accelerate import PartialState

@@ -9,6 +9,8 @@ them to our inputs: image folders, ADM-layout ``.npz`` batches (``arr_0``: N x H
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +52,7 @@ class FeatureStats:
 def feature_stats(features: Tensor | np.ndarray, extractor: str = "") -> FeatureStats:
     f = np.asarray(features.double().cpu() if isinstance(features, Tensor) else features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"need at least 2 feature vectors as an (N, D) array, got shape {f.shape}")
+        raise ImageArrayError(f"need at least 2 images (feature vectors as an (N, D) array), got shape {f.shape}")
     return FeatureStats(f.mean(0), np.cov(f, rowvar=False), f.shape[0], extractor, f)
 
 
@@ -122,7 +124,8 @@ def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
     if logits.shape[0] < splits:
-        raise ValueError(f"Inception Score with {splits} splits needs at least {splits} samples, got {logits.shape[0]}")
+        raise ImageArrayError(f"Inception Score with {splits} splits needs at least {splits} samples, "
+                              f"got {logits.shape[0]}")
     out = isc_features_to_metric(logits.cpu(), splits=splits, shuffle=False)
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 
@@ -134,7 +137,7 @@ def precision_recall(generated: Tensor, reference: Tensor, neighborhood: int = 3
 
     for name, f in (("generated", generated), ("reference", reference)):
         if f.shape[0] <= neighborhood:
-            raise ValueError(f"precision/recall with k={neighborhood} needs more than {neighborhood} {name} "
+            raise ImageArrayError(f"precision/recall with k={neighborhood} needs more than {neighborhood} {name} "
                              f"samples, got {f.shape[0]}")
     return calculate_precision_recall_part(generated.float().cpu(), reference.float().cpu(), neighborhood, batch_size)
 
@@ -199,6 +202,26 @@ class ImageSet:
                         [self.files[i] for i in idx] if self.files is not None else None,
                         self.labels[idx] if self.labels is not None else None, self.resolution, self.source)
 
+    def check(self, what: str, minimum: int = 2) -> tuple[int, int]:
+        """Before any feature is computed: at least ``minimum`` images, every file decodable, all of one size.
+        Returns that size (H, W). Files are decoded once here (cheap next to the Inception forward passes)."""
+        if len(self) < minimum:
+            raise ImageArrayError(f"{what} {self.source} holds {len(self)} image(s); at least {minimum} are needed")
+        if self.array is not None:
+            return tuple(self.array.shape[1:3])
+        if self.resolution is not None:
+            for f in tqdm(self.files, desc=f"check {what}", leave=False):
+                load_rgb(str(f))
+            return self.resolution, self.resolution
+        first = None
+        for f in tqdm(self.files, desc=f"check {what}", leave=False):
+            size = load_rgb(str(f)).size[::-1]
+            first = first or (size, f)
+            if size != first[0]:
+                raise ImageArrayError(f"images of {what} differ in size: {first[1]} is {first[0][1]}x{first[0][0]}, "
+                                      f"{f} is {size[1]}x{size[0]}; set resolution=N to resize and centre-crop them")
+        return first[0]
+
     def _load(self, path: Path) -> np.ndarray:
         img = load_rgb(str(path))
         if self.resolution is not None:
@@ -257,6 +280,16 @@ def read_npz(path: str | Path) -> ImageSet | FeatureStats:
     ADM's reference batches hold both images and statistics; they come back as an ImageSet with ``stats``.
     """
     path = Path(path)
+    try:
+        return _read_npz(path)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as err:
+        if isinstance(err, UserError):
+            raise
+        raise ImageArrayError(f"{path} is not a readable .npz (truncated or damaged: {' '.join(str(err).split())}); "
+                              "write it again") from err
+
+
+def _read_npz(path: Path) -> ImageSet | FeatureStats:
     with np.load(path) as data:
         keys = set(data.keys())
         if "arr_0" not in keys:

@@ -47,7 +47,7 @@ from pipelines.eval.metrics import (
 from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.images import to_uint8
 from pipelines.util import atomic_write, evenly_spaced, pick_device, save_npz
-from tokenizer.model import load_tokenizer
+from tokenizer.model import TokenizerConfig, load_tokenizer
 from tokenizer.perceptual import VGG16_FILE, PerceptualWeightsMissing, build_perceptual
 
 INCEPTION_FEATURES = "inception-v3-tf-2015-12-05/pool3"
@@ -134,11 +134,13 @@ def reference_stats(cfg: DictConfig, feats: Features, ref: ImageSet | FeatureSta
 
 
 def generation_metrics(cfg: DictConfig, report: Report, pool: Tensor, logits: Tensor | None,
-                       ref_stats: FeatureStats, ref_pool: Tensor | None, prefix: str = "") -> None:
-    """FID, IS, precision and recall of generated features against the reference, as configured."""
+                       ref_stats: FeatureStats, ref_pool: Tensor | None, prefix: str = "",
+                       gen_stats: FeatureStats | None = None) -> None:
+    """FID, IS, precision and recall of generated features against the reference, as configured. ``gen_stats``:
+    statistics stored with the samples, used for FID instead of the features' (as the ADM evaluator does)."""
     wanted = set(cfg.metrics)
     if "fid" in wanted:
-        report.add(f"{prefix}fid", frechet_distance(feature_stats(pool, INCEPTION_FEATURES), ref_stats))
+        report.add(f"{prefix}fid", frechet_distance(gen_stats or feature_stats(pool, INCEPTION_FEATURES), ref_stats))
     if "is" in wanted:
         if logits is None:
             report.missing(f"{prefix}inception_score",
@@ -162,6 +164,27 @@ def generation_metrics(cfg: DictConfig, report: Report, pool: Tensor, logits: Te
             precision, recall = precision_recall(pool, ref_pool, k)
             report.add(f"{prefix}precision", precision)
             report.add(f"{prefix}recall", recall)
+
+
+def check_inputs(cfg: DictConfig, feats: Features, samples: ImageSet | None, ref: ImageSet | FeatureStats,
+                 sample_size: tuple[int, int] | None = None) -> None:
+    """Both sides checked before any feature is computed: counts (>= 2), every file decodable, one size per set,
+    and the same size on both sides unless ``allow_resolution_mismatch=true`` (a 64 px vs 128 px FID is almost
+    always a mistake). ``sample_size``: the size of samples generated later (mode=gen)."""
+    _ = feats.weights  # missing Inception weights first: nothing can be computed without them
+    if samples is not None:
+        sample_size = samples.check("samples")
+    ref_size = None
+    if isinstance(ref, ImageSet):
+        cache = _cache_path(cfg, ref, feats.weights)
+        if cache is not None and cache.is_file():  # features cached: one file tells the size
+            ref_size = (ref.resolution,) * 2 if ref.resolution else ImageSet(files=ref.files[:1]).check("reference", 1)
+        else:
+            ref_size = ref.check("reference")
+    if sample_size and ref_size and tuple(sample_size) != tuple(ref_size) and not cfg.allow_resolution_mismatch:
+        raise ImageArrayError(f"samples are {sample_size[1]}x{sample_size[0]} but the reference {cfg.ref} is "
+                              f"{ref_size[1]}x{ref_size[0]}; compare sets of one resolution (resolution=N resizes "
+                              "image folders), or pass allow_resolution_mismatch=true to compare them anyway")
 
 
 def spread_subset(images: ImageSet | FeatureStats, k: int | None) -> ImageSet | FeatureStats:
@@ -194,13 +217,21 @@ def run_samples(cfg: DictConfig, device: torch.device) -> dict | None:
     if cfg.ref is None:
         raise ImageArrayError("ref=<image folder | .npz of images | .npz of statistics> is required")
     feats = Features(cfg, device)
-    samples = None
+    samples, gen_stats = None, None
     if cfg.samples is not None:  # opened first: a wrong path fails before minutes of reference features
         samples = open_images(cfg.samples, cfg.resolution)
         if isinstance(samples, FeatureStats):
             raise ImageArrayError(f"samples={cfg.samples} holds statistics, not images")
+        gen_stats = samples.stats
         samples = spread_subset(samples, cfg.max_images)
+        if gen_stats is not None and samples.stats is None:
+            raise ImageArrayError(f"samples={cfg.samples} stores its own mu/sigma, which describe all its images, "
+                                  f"not max_images={cfg.max_images} of them; drop max_images or the stored statistics")
     ref = spread_subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
+    check_inputs(cfg, feats, samples, ref)
+    if gen_stats is not None:
+        print(f"samples {cfg.samples}: FID uses the mu/sigma stored in the file (as the ADM evaluator does); "
+              "IS and precision/recall use the images")
     need_ref_features = samples is not None and "prc" in cfg.metrics
     ref_stats, ref_pool, origin = reference_stats(cfg, feats, ref, need_ref_features)
     print(f"reference {cfg.ref}: {ref_stats.num or 'unknown number of'} images, {origin}")
@@ -214,7 +245,7 @@ def run_samples(cfg: DictConfig, device: torch.device) -> dict | None:
     report = Report(f"samples {cfg.samples} vs {cfg.ref}")
     report.add("num_samples", len(samples))
     report.add("num_reference", ref_stats.num or None)
-    generation_metrics(cfg, report, out["pool"], out.get("logits"), ref_stats, ref_pool)
+    generation_metrics(cfg, report, out["pool"], out.get("logits"), ref_stats, ref_pool, gen_stats=gen_stats)
     return finish(cfg, report, extra={"inception_weights": str(feats.weights)})
 
 
@@ -372,18 +403,32 @@ def generate_samples(cfg: DictConfig, extractors: dict[str, Callable[[Tensor], d
     return feats, labels, images, {**config, "sampling_used": sampling}
 
 
+def generated_size(ar_dir: str | Path) -> tuple[int, int] | None:
+    """(H, W) of the images an AR run's samples will have: its token grid times its tokenizer's downsampling."""
+    from pipelines.checkpoint import load_config
+
+    config = load_config(ar_dir)
+    tok_dir = config.get("tokenizer_dir")
+    if not tok_dir or not Path(tok_dir).is_dir():
+        return None
+    factor = TokenizerConfig.from_dict(load_config(tok_dir)["tokenizer"]["model"]).downsample
+    h, w = config["generator"]["model"]["grid"]
+    return h * factor, w * factor
+
+
 def run_gen(cfg: DictConfig, device: torch.device) -> dict | None:
     if cfg.ar is None or cfg.ref is None:
         raise ImageArrayError("mode=gen needs ar=<AR checkpoint dir> and ref=<image folder | npz | stats npz>")
     feats = Features(cfg, device)
     _ = feats.weights  # fail before sampling when the Inception weights are missing
+    ref = spread_subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
+    check_inputs(cfg, feats, None, ref, sample_size=generated_size(cfg.ar))  # before sampling
     result = generate_samples(cfg, {"inception": feats}, keep_images=bool(cfg.save_samples))
     if result is None:
         return None
     out, labels, images, ar_config = result
     if cfg.save_samples:
         print(f"samples saved to {save_images_npz(cfg.save_samples, images, labels)}")
-    ref = spread_subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
     ref_stats, ref_pool, origin = reference_stats(cfg, feats, ref, "prc" in cfg.metrics)
     report = Report(f"{cfg.ar}: {cfg.per_class} samples per class vs {cfg.ref}")
     report.add("num_samples", len(labels))

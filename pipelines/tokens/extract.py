@@ -48,18 +48,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipelines.checkpoint import load_config, weights_hash
-from pipelines.cli import entry_point
+from pipelines.cli import entry_point, require_choice, require_int
 from pipelines.data import load_rgb_or_skip, resize_and_crop, scan_image_folder
 from pipelines.tokens.shards import (
     MANIFEST_FILE,
     TOKEN_SHARD_FORMAT,
+    ShardIntegrityError,
     ShardManifest,
     ShardMismatchError,
     shard_name,
     token_dtype,
     write_shard,
 )
-from pipelines.util import atomic_write_text, file_sha256
+from pipelines.util import atomic_write_text, claim_directory, file_sha256
 from tokenizer.model import IBQTokenizer, load_tokenizer
 
 PARTS_DIR, SETTINGS_FILE = "parts", "settings.json"
@@ -99,8 +100,6 @@ class _ViewDataset(Dataset):
     """Source image ``i`` -> (views (V, 3, R, R), label, i); views is None for a skipped corrupt file."""
 
     def __init__(self, samples: list[tuple[str, int]], resolution: int, variants: DictConfig, on_corrupt: str):
-        if on_corrupt not in ("skip", "error"):
-            raise ValueError(f"data.on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
         self.samples, self.resolution, self.on_corrupt = samples, resolution, on_corrupt
         self.flip, self.ten_crop, self.scale = bool(variants.flip), bool(variants.ten_crop), variants.ten_crop_scale
 
@@ -149,10 +148,20 @@ def _settings(cfg: DictConfig, model: IBQTokenizer, tok_hash: str, resolution: i
     }
 
 
+def _read_json(path: Path, what: str, if_deleted: str) -> Any:
+    """A JSON record of a previous extraction; a damaged one is a ``ShardIntegrityError`` naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardIntegrityError(f"{what} {path} is damaged ({err.__class__.__name__}); delete it ({if_deleted}) "
+                                  "or re-run with overwrite=true") from err
+
+
 def _check_previous(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume into a directory made with other settings (it would mix incompatible shards)."""
     path = out / PARTS_DIR / SETTINGS_FILE
-    previous = json.loads(path.read_text()) if path.exists() else None
+    previous = _read_json(path, "extraction settings", "this run's settings are recorded again") \
+        if path.exists() else None
     if previous is None and (out / MANIFEST_FILE).exists():
         previous = ShardManifest.read(out).settings
     if previous is not None and previous != settings:
@@ -170,7 +179,7 @@ def _clear(out: Path) -> None:
 
 def _record(out: Path, k: int) -> dict[str, Any] | None:
     path = out / PARTS_DIR / f"{shard_name(k)}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return _read_json(path, "shard record", "the shard it describes is then extracted again") if path.exists() else None
 
 
 def _complete(out: Path, k: int) -> bool:
@@ -200,13 +209,31 @@ def _write_shard(out: Path, k: int, parts: dict[str, list], settings: dict[str, 
     return rec
 
 
+def check_options(cfg: DictConfig) -> None:
+    for key in ("shard_size", "batch_size"):
+        require_int(cfg, key, 1)
+    require_int(cfg, "num_workers", 0)
+    for key in ("max_images", "stop_after_shards"):
+        require_int(cfg, key, 1, optional=True)
+    require_int(cfg, "resolution", 8, optional=True)
+    require_choice(cfg, "data.on_corrupt", ("skip", "error"))
+    require_choice(cfg, "overwrite", (True, False))
+
+
+def _prepare(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:
+    """Main process, lock held: clear (overwrite) or check the previous extraction, then record the settings."""
+    if overwrite:
+        _clear(out)
+    _check_previous(out, settings)
+    atomic_write_text(out / PARTS_DIR / SETTINGS_FILE, json.dumps(settings, indent=1))
+
+
 def extract(cfg: DictConfig) -> dict[str, Any] | None:
     """Extract (or resume) token shards as configured. Returns the manifest plus run figures on the main
-    process once every shard is done; None on other processes or when stopped early."""
+    process once every shard is done; None on other processes or when stopped early. ``out_dir`` is locked
+    for the whole run (one extraction per directory)."""
+    check_options(cfg)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.shard_size < 1 or cfg.batch_size < 1:
-        raise ValueError(f"shard_size and batch_size must be >= 1, got {cfg.shard_size} and {cfg.batch_size}")
     tok_dir = Path(cfg.tokenizer_ckpt)
     model = load_tokenizer(tok_dir, accelerator.device)
     tok_hash = weights_hash(tok_dir)
@@ -216,20 +243,19 @@ def extract(cfg: DictConfig) -> dict[str, Any] | None:
     samples, classes = scan_image_folder(split_dir)
     samples = samples[:cfg.max_images] if cfg.max_images else samples
     settings = _settings(cfg, model, tok_hash, resolution, samples, split_dir)
+    out = Path(cfg.out_dir)
+    with claim_directory(accelerator, out, "token shard directory",
+                         lambda: _prepare(out, cfg.overwrite, settings)):
+        return _extract(cfg, accelerator, model, tok_dir, settings, samples, classes, split_dir)
+
+
+def _extract(cfg: DictConfig, accelerator: Accelerator, model: IBQTokenizer, tok_dir: Path, settings: dict[str, Any],
+             samples: list[tuple[str, int]], classes: list[str], split_dir: Path) -> dict[str, Any] | None:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    tok_hash, resolution, out = settings["tokenizer_hash"], settings["resolution"], Path(cfg.out_dir)
     variants, (h, w), dtype = settings["variants"], settings["grid"], np.dtype(settings["dtype"])
     n, size = len(samples), int(cfg.shard_size)
     num_shards = math.ceil(n / size)
-
-    out = Path(cfg.out_dir)
-    if cfg.overwrite and accelerator.is_main_process:
-        _clear(out)
-    accelerator.wait_for_everyone()
-    _check_previous(out, settings)  # every process raises the same error, none waits for another
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for f in out.glob(".shard_*.tmp"):  # left by a killed run
-            f.unlink()
-        atomic_write_text(out / PARTS_DIR / SETTINGS_FILE, json.dumps(settings, indent=1))
     accelerator.wait_for_everyone()
 
     # Round-robin shards over processes; each shard is cut into the same batches whatever the world size.
@@ -252,25 +278,27 @@ def extract(cfg: DictConfig) -> dict[str, Any] | None:
                     disable=not accelerator.is_main_process)
     parts = {k: {"tokens": [], "labels": [], "indices": [], "skipped": []} for k in pending}
     written, processed, t0 = 0, 0, time.perf_counter()
-    for (x, labels, indices, skipped), k in zip(loader, owners, strict=True):
-        p = parts[k]
-        if x is not None:
-            views = x.flatten(0, 1).to(accelerator.device, non_blocking=True)
-            ids = _tokenize(model, views, accelerator).reshape(x.shape[0], len(variants), h, w)
-            p["tokens"].append(ids.cpu().numpy().astype(dtype))
-            p["labels"].append(labels.numpy())
-            p["indices"].append(indices.numpy())
-        p["skipped"] += skipped
-        processed += len(indices) + len(skipped)
-        progress.update(len(indices) + len(skipped))
-        remaining[k] -= 1
-        if remaining[k] == 0:
-            _write_shard(out, k, parts.pop(k), settings)
-            written += 1
-            progress.set_postfix(shards=written)
-            if cfg.stop_after_shards is not None and written >= cfg.stop_after_shards:
-                break
-    progress.close()
+    try:  # the bar's line is ended on an error too, before the error line
+        for (x, labels, indices, skipped), k in zip(loader, owners, strict=True):
+            p = parts[k]
+            if x is not None:
+                views = x.flatten(0, 1).to(accelerator.device, non_blocking=True)
+                ids = _tokenize(model, views, accelerator).reshape(x.shape[0], len(variants), h, w)
+                p["tokens"].append(ids.cpu().numpy().astype(dtype))
+                p["labels"].append(labels.numpy())
+                p["indices"].append(indices.numpy())
+            p["skipped"] += skipped
+            processed += len(indices) + len(skipped)
+            progress.update(len(indices) + len(skipped))
+            remaining[k] -= 1
+            if remaining[k] == 0:
+                _write_shard(out, k, parts.pop(k), settings)
+                written += 1
+                progress.set_postfix(shards=written)
+                if cfg.stop_after_shards is not None and written >= cfg.stop_after_shards:
+                    break
+    finally:
+        progress.close()
     seconds = time.perf_counter() - t0
     totals = gather_object([(processed, written, len(mine) - len(pending))])
     accelerator.wait_for_everyone()

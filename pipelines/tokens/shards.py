@@ -91,7 +91,13 @@ class ShardManifest:
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST_FILE) -> ShardManifest:
-        d = json.loads(text)
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ShardIntegrityError(f"{where} is damaged ({err.msg} at character {err.pos}); run the extraction "
+                                      "command again: it rewrites the manifest from the verified shards") from err
+        if not isinstance(d, dict):
+            raise ShardIntegrityError(f"{where} is not a token shard manifest (a JSON object)")
         if d.get("format") != TOKEN_SHARD_FORMAT:
             raise ShardMismatchError(f"{where}: format {d.get('format')!r}, expected {TOKEN_SHARD_FORMAT!r}")
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
@@ -106,7 +112,12 @@ class ShardManifest:
         if not path.exists():
             raise DatasetNotFoundError(f"no token shards at {shard_dir} ({MANIFEST_FILE} missing); "
                                        "run `python -m pipelines.tokens.extract` (make tokenize) first")
-        return cls.from_json(path.read_text(), str(path))
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as err:
+            raise ShardIntegrityError(f"{path} is damaged (not UTF-8 text); run the extraction command again: it "
+                                      "rewrites the manifest from the verified shards") from err
+        return cls.from_json(text, str(path))
 
     def write(self, shard_dir: str | Path) -> None:
         atomic_write_text(Path(shard_dir) / MANIFEST_FILE, self.to_json())
@@ -178,7 +189,20 @@ def check_shard(shard_dir: Path, manifest: ShardManifest, k: int, verify: bool) 
         raise ShardIntegrityError(f"token shard {path} fails its checksum (sha256 {found[:16]}..., manifest "
                                   f"{entry['sha256'][:16]}...): the file was altered or damaged; re-run "
                                   "extraction with the same settings to rebuild it")
+    _check_ranges(path, open_shard(path, layout), manifest)
     return layout
+
+
+def _check_ranges(path: Path, arrays: dict[str, np.ndarray], manifest: ShardManifest) -> None:
+    """Token ids in [0, num_codes) and labels in [0, num_classes): one pass over the memory-mapped arrays, so a
+    shard that disagrees with its manifest is named here rather than failing as an IndexError mid-training."""
+    for name, bound, what in (("tokens", manifest.num_codes, "num_codes"),
+                              ("labels", manifest.num_classes, "num_classes")):
+        a = arrays[name]
+        if a.size and (int(a.min()) < 0 or int(a.max()) >= bound):
+            raise ShardIntegrityError(f"token shard {path} holds {name} in [{int(a.min())}, {int(a.max())}] but the "
+                                      f"manifest's {what} is {bound}: the shard and manifest.json do not belong "
+                                      "together; re-extract with overwrite=true")
 
 
 def open_shard(path: Path, layout: dict) -> dict[str, np.ndarray]:
@@ -209,8 +233,8 @@ class TokenShardDataset(Dataset):
         m.check(self.shard_dir, expect_num_codes, expect_grid, expect_tokenizer_hash)
         self.variants: list[str] = list(m.variants)
         if variant != "random" and variant not in self.variants:
-            raise ValueError(f"variant {variant!r} is not stored in {self.shard_dir}; choose 'random' or one of "
-                             f"{self.variants}")
+            raise ShardMismatchError(f"variant {variant!r} is not stored in {self.shard_dir}; choose 'random' or "
+                                     f"one of {self.variants}")
         self.variant, self.seed = variant, seed
         self.grid: tuple[int, int] = tuple(m.grid)
         self.num_codes: int = m.num_codes

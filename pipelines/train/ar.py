@@ -27,13 +27,14 @@ from accelerate.utils import DistributedType, set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from generator.llama import GPTConfig, LlamaGPT, next_token_loss
-from pipelines.checkpoint import CONFIG_FILE, TRAIN_STATE_DIR, load_config, save_config
+from pipelines.checkpoint import CONFIG_FILE, has_train_state, load_config
 from pipelines.cli import entry_point
 from pipelines.data import EpochBatchSampler, make_loader, save_class_index
 from pipelines.ema import EMA
+from pipelines.errors import ConfigError
 from pipelines.run_log import RunLogger
 from pipelines.tokens.shards import ShardManifest, TokenShardDataset
-from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, lr_setter, run_loop
+from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, lr_setter, run_loop, start_run
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, final_ratio: float = 0.0) -> float:
@@ -89,10 +90,15 @@ def evaluate_loss(model: LlamaGPT, dataset: TokenShardDataset, batch_size: int, 
 
 
 def train(cfg: DictConfig) -> TrainOutcome:
-    """Run (or resume) training as configured."""
+    """Run (or resume) training as configured: options checked, then the run directory claimed (locked, no
+    clobbering: ``pipelines.train.loop.claim_run_dir``), then training."""
     t = cfg.train
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(t.mixed_precision),
-                              gradient_accumulation_steps=t.grad_accum, cpu=t.cpu)
+    return start_run(cfg, lambda: Accelerator(mixed_precision=resolve_mixed_precision(t.mixed_precision),
+                                              gradient_accumulation_steps=t.grad_accum, cpu=t.cpu), _train)
+
+
+def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
+    t = cfg.train
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     set_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
@@ -102,7 +108,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
     train_set = TokenShardDataset(cfg.shards, variant=cfg.data.variant, seed=cfg.seed, verify=cfg.data.verify,
                                   expect_tokenizer_hash=saved.get("tokenizer_hash") if saved else None)
     manifest = train_set.manifest
-    resuming = saved is not None and (run_dir / TRAIN_STATE_DIR).exists()
+    resuming = saved is not None and has_train_state(run_dir)
     gpt_cfg = model_config(cfg, manifest, saved if resuming else None)
     if resuming and gpt_cfg != (given := model_config(cfg, manifest)) and accelerator.is_main_process:
         changed = sorted(k for k, v in gpt_cfg.to_dict().items() if given.to_dict()[k] != v)
@@ -115,10 +121,10 @@ def train(cfg: DictConfig) -> TrainOutcome:
     config["train"]["mixed_precision"] = accelerator.mixed_precision
 
     if fsdp and cfg.val_shards:
-        raise ValueError("val_shards with FSDP is not supported yet (validation runs on the main process only); "
+        raise ConfigError("val_shards with FSDP is not supported yet (validation runs on the main process only); "
                          "set val_shards=null")
     if fsdp and t.ema_decay:
-        raise ValueError("train.ema_decay with FSDP is not supported (the EMA would hold a full copy per process); "
+        raise ConfigError("train.ema_decay with FSDP is not supported (the EMA would hold a full copy per process); "
                          "set train.ema_decay=null")
     model = LlamaGPT(gpt_cfg)
     raw_model = model
@@ -160,11 +166,10 @@ def train(cfg: DictConfig) -> TrainOutcome:
         val_set = TokenShardDataset(cfg.val_shards, variant="center", verify=cfg.data.verify,
                                     expect_tokenizer_hash=manifest.tokenizer_hash)
 
-    logger = RunLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard)
+    logger = RunLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard,
+                       start_step=progress.step)
     tokens_per_step = t.batch_size * t.grad_accum * accelerator.num_processes * gpt_cfg.block_size
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir)
+    if accelerator.is_main_process:  # config.yaml is written with each checkpoint, beside the weights it describes
         save_class_index(manifest.classes, run_dir / "class_index.json")
         print(f"generator {cfg.generator.name}: {n_params / 1e6:.2f}M params "
               f"({gpt_cfg.n_layer} layers, width {gpt_cfg.dim}) | {len(train_set)} images x "

@@ -4,11 +4,17 @@ A trainer (``pipelines/train/tokenizer.py``, ``pipelines/train/ar.py``) builds i
 defines ``micro_step`` (one batch: forward, backward, optimizer steps) and ``on_step`` (after each optimizer
 step: EMA, logging, checkpoints), and hands them to ``run_loop``. Resume is exact because everything random is a
 function of (seed, epoch, index) or restored from the saved RNG state, and the lr is a function of the step.
+
+A run directory has one owner (``claim_run_dir``: an OS-released lock held by the main process) and is never
+clobbered: a fresh run refuses a directory that holds a checkpoint unless ``overwrite=true``, ``resume=true``
+refuses weights without the ``train_state/`` to continue them, and ``config.yaml`` is written with each
+checkpoint, so it always describes the weights beside it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,14 +27,78 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from pipelines.checkpoint import (
+    FSDP_STEP_FILE,
+    MODEL_FILE,
     TRAIN_STATE_DIR,
     capture_rng,
+    has_train_state,
     load_train_state,
     restore_rng,
     save_model,
     save_train_state,
 )
+from pipelines.cli import require_int, require_number
 from pipelines.data import EpochBatchSampler
+from pipelines.errors import ConfigError, RunDirError
+from pipelines.run_log import METRICS_FILE
+from pipelines.util import DirectoryLock, atomic_write_text, claim_directory
+
+RUN_OUTPUTS = (METRICS_FILE, "tb", "eval.json")  # what overwrite=true removes with train_state/ (weights: replaced)
+
+
+def check_train_options(cfg: Any) -> None:
+    """The options every trainer shares, checked before anything is built."""
+    for key in ("train.batch_size", "train.grad_accum", "train.max_steps", "log_every", "ckpt_every"):
+        require_int(cfg, key, 1)
+    require_int(cfg, "train.warmup_steps", 0)
+    require_int(cfg, "train.stop_at_step", 1, optional=True)
+    require_number(cfg, "train.epochs", 0, low_open=True, optional=True)
+    require_number(cfg, "train.lr", 0, low_open=True)
+    require_number(cfg, "train.ema_decay", 0, 1, high_open=True, optional=True)
+    require_number(cfg, "train.max_grad_norm", 0, low_open=True, optional=True)
+    for key in ("resume", "overwrite"):
+        if not isinstance(cfg.get(key), bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg.get(key)!r}")
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """The no-clobber rules; with ``overwrite`` (fresh run) the previous run's state and logs are removed, its
+    ``model.safetensors`` + ``config.yaml`` pair stays until the first checkpoint replaces both."""
+    weights, state = (run_dir / MODEL_FILE).exists(), has_train_state(run_dir)
+    if resume:
+        if weights and not state:
+            raise RunDirError(f"resume=true but {run_dir} holds {MODEL_FILE} and no {TRAIN_STATE_DIR}/ to continue "
+                              "from; training would start from scratch and replace those weights. Use another "
+                              "run_dir, or resume=false overwrite=true to do exactly that")
+        return
+    if not (weights or state):
+        return
+    if not overwrite:
+        raise RunDirError(f"{run_dir} already holds a checkpoint ({MODEL_FILE if weights else TRAIN_STATE_DIR}); "
+                          "resume=true continues it, overwrite=true starts again over it, or choose another run_dir")
+    shutil.rmtree(run_dir / TRAIN_STATE_DIR, ignore_errors=True)
+    for name in RUN_OUTPUTS:
+        target = run_dir / name
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def start_run(cfg: Any, make_accelerator: Callable[[], Accelerator], body: Callable[[Any, Accelerator], Any],
+              check: Callable[[Any], None] | None = None) -> Any:
+    """How every trainer starts: options checked (the shared ones, then ``check``'s) before anything is built,
+    the Accelerator made, the run directory claimed (``claim_run_dir``), then ``body(cfg, accelerator)`` with the
+    lock held until it returns or raises."""
+    check_train_options(cfg)
+    if check is not None:
+        check(cfg)
+    accelerator = make_accelerator()
+    with claim_run_dir(accelerator, Path(cfg.run_dir), cfg.resume, cfg.overwrite):
+        return body(cfg, accelerator)
+
+
+def claim_run_dir(accelerator: Accelerator, run_dir: Path, resume: bool, overwrite: bool) -> DirectoryLock:
+    """Lock ``run_dir`` (main process), remove temporary files a killed run left, apply ``check_run_dir``.
+    Use the result as a context manager."""
+    return claim_directory(accelerator, run_dir, "run directory", lambda: check_run_dir(run_dir, resume, overwrite))
 
 
 @dataclass
@@ -61,7 +131,7 @@ class Progress:
         """``max_steps`` = ``epochs`` x steps per epoch when epochs is set, else ``max_steps``."""
         steps_per_epoch = len(sampler) // grad_accum
         if steps_per_epoch == 0:
-            raise ValueError(f"one epoch ({len(sampler)} batches) is shorter than grad_accum={grad_accum}")
+            raise ConfigError(f"one epoch ({len(sampler)} batches) is shorter than grad_accum={grad_accum}")
         return cls(steps_per_epoch, int(epochs * steps_per_epoch) if epochs else int(max_steps))
 
     def begin_epoch(self, sampler: EpochBatchSampler, grad_accum: int) -> None:
@@ -113,7 +183,7 @@ class Checkpointer:
         if self.fsdp:
             if self.fsdp_dir.exists():
                 acc.load_state(str(self.fsdp_dir))
-                progress.load_state_dict(json.loads((self.fsdp_dir.parent / "fsdp_step.json").read_text()))
+                progress.load_state_dict(json.loads((self.fsdp_dir.parent / FSDP_STEP_FILE).read_text()))
             return None
         state = load_train_state(self.run_dir)
         if state is None:
@@ -121,8 +191,8 @@ class Checkpointer:
                 print(f"resume=true but {self.run_dir}/{TRAIN_STATE_DIR} does not exist yet: starting from scratch")
             return None
         if len(state["rng"]) != acc.num_processes:
-            raise ValueError(f"{self.run_dir}/{TRAIN_STATE_DIR} was saved by {len(state['rng'])} process(es); resume "
-                             f"it with the same number (got {acc.num_processes}) to continue exactly")
+            raise ConfigError(f"{self.run_dir}/{TRAIN_STATE_DIR} was saved by {len(state['rng'])} process(es); "
+                              f"resume it with the same number (got {acc.num_processes}) to continue exactly")
         progress.load_state_dict(state)
         restore_rng(state["rng"][acc.process_index])
         return state
@@ -135,7 +205,7 @@ class Checkpointer:
         rng = gather_object([capture_rng()])
         if acc.is_main_process:
             if self.fsdp:
-                (self.fsdp_dir.parent / "fsdp_step.json").write_text(json.dumps(progress.state_dict()))
+                atomic_write_text(self.fsdp_dir.parent / FSDP_STEP_FILE, json.dumps(progress.state_dict()))
             else:
                 save_train_state(self.run_dir, {**state(), **progress.state_dict(), "rng": rng})
             save_model(self.run_dir, weights, self.config)
@@ -174,17 +244,16 @@ def run_loop(accelerator: Accelerator, loader: Iterable, sampler: EpochBatchSamp
              micro_step: Callable[[Any, float], bool], on_step: Callable[[float], None], desc: str) -> None:
     """Iterate epochs until ``end_step``: ``micro_step(batch, lr)`` per batch (False = batch skipped), and after
     each optimizer step (once the gradient-accumulation window closes) ``progress.advance()`` then ``on_step(lr)``."""
-    bar = tqdm(total=end_step, initial=progress.step, disable=not accelerator.is_main_process, desc=desc,
-               dynamic_ncols=True)
-    while progress.step < end_step:
-        progress.begin_epoch(sampler, grad_accum)
-        for batch in loader:
-            lr = set_lr(progress.step)
-            if not micro_step(batch, lr) or not accelerator.sync_gradients:
-                continue
-            epoch_done = progress.advance()
-            bar.update(1)
-            on_step(lr)
-            if progress.step >= end_step or epoch_done:
-                break
-    bar.close()
+    with tqdm(total=end_step, initial=progress.step, disable=not accelerator.is_main_process, desc=desc,
+              dynamic_ncols=True) as bar:  # closed (its line ended) on an error too, before the error line
+        while progress.step < end_step:
+            progress.begin_epoch(sampler, grad_accum)
+            for batch in loader:
+                lr = set_lr(progress.step)
+                if not micro_step(batch, lr) or not accelerator.sync_gradients:
+                    continue
+                epoch_done = progress.advance()
+                bar.update(1)
+                on_step(lr)
+                if progress.step >= end_step or epoch_done:
+                    break

@@ -21,8 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.checkpoint import save_config
-from pipelines.cli import entry_point
+from pipelines.cli import entry_point, require_choice, require_int
 from pipelines.data import EpochBatchSampler, ImageFolderDataset, collate_images, make_loader, save_class_index
 from pipelines.ema import EMA
 from pipelines.eval.demo import ReconRecognition
@@ -30,8 +29,8 @@ from pipelines.eval.demo_classifier import META_FILE as DEMO_META
 from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.images import save_rows
 from pipelines.run_log import RunLogger
-from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, lr_setter, run_loop
-from pipelines.util import evenly_spaced
+from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, lr_setter, run_loop, start_run
+from pipelines.util import atomic_write_text, evenly_spaced
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import LossConfig, TokenizerLoss
 from tokenizer.model import IBQTokenizer, TokenizerConfig
@@ -44,11 +43,26 @@ def lr_factor(step: int, warmup_steps: int, milestones_steps: list[int], decay: 
     return warm * decay ** sum(step >= m for m in milestones_steps)
 
 
+def check_options(cfg: DictConfig) -> None:
+    """The tokenizer's own options (the shared ones: ``pipelines.train.loop.check_train_options``)."""
+    require_int(cfg, "tokenizer.model.num_codes", 2)
+    require_int(cfg, "data.resolution", 8)
+    require_int(cfg, "image_every", 1)
+    require_int(cfg, "eval_max_images", 1, optional=True)
+    require_choice(cfg, "data.on_corrupt", ("skip", "error"))
+
+
 def train(cfg: DictConfig) -> TrainOutcome:
-    """Run (or resume) training as configured."""
+    """Run (or resume) training as configured: options checked, then the run directory claimed (locked, no
+    clobbering: ``pipelines.train.loop.claim_run_dir``), then training."""
     t = cfg.train
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-                              cpu=t.cpu)
+    return start_run(cfg, lambda: Accelerator(mixed_precision=t.mixed_precision,
+                                              gradient_accumulation_steps=t.grad_accum, cpu=t.cpu), _train,
+                     check_options)
+
+
+def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
+    t = cfg.train
     set_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -94,10 +108,9 @@ def train(cfg: DictConfig) -> TrainOutcome:
         opt_ae.load_state_dict(state["opt_ae"])
         opt_d.load_state_dict(state["opt_d"])
 
-    logger = RunLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir)
+    logger = RunLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard,
+                       start_step=progress.step)
+    if accelerator.is_main_process:  # config.yaml is written with each checkpoint, beside the weights it describes
         save_class_index(train_set.classes, run_dir / "class_index.json")
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"tokenizer {n_params / 1e6:.1f}M params | {len(train_set)} train images | "
@@ -188,7 +201,7 @@ def train(cfg: DictConfig) -> TrainOutcome:
                                          device=accelerator.device, max_images=cfg.eval_max_images, on_batch=judge)
         result |= judge.summary() if judge is not None else {}
         result["step"] = progress.step
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=1))
         recognised = f"recognised {result['recon_accuracy']:.1%} | " if judge is not None else ""
         print(f"[eval] {d.val_split} split, EMA weights: PSNR {result['psnr']:.2f} dB | SSIM {result['ssim']:.3f} | "
               f"{recognised}codebook utilisation {result['utilisation']:.1%} ({result['codes_used']}/{num_codes} "
