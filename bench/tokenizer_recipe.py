@@ -37,11 +37,14 @@ VQ = ["tokenizer.model.quantizer=vq", f"~{IBQ_ARGS}", f"+{IBQ_ARGS}={{beta:0.25}
 # name -> (what it tests, overrides). "demo" is what `make demo` trains; the others vary one thing from it.
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "demo": ("the make-demo recipe", []),
-    "legacy_norm": ("demo with one channel per GroupNorm group (the old instance-norm behaviour)",
-                    ["tokenizer.model.norm_group_channels=1"]),
-    "init_std_1": ("codebook N(0, 1) as nn.Embedding (the reference's init) instead of the demo's scale",
+    "reference_layout": ("the reference's layout scaled down: 32 ch, mult 1,2,2,4, 1 res block, attention at 8, "
+                         "mid block", ["tokenizer.model.base_channels=32", "tokenizer.model.channel_mult=[1,2,2,4]",
+                                       "tokenizer.model.enc_res_blocks=1", "tokenizer.model.dec_res_blocks=1",
+                                       "tokenizer.model.attn_resolutions=[8]", "tokenizer.model.mid_block=true"]),
+    "init_std_1": ("codebook N(0, 1), the reference init, instead of the demo scale",
                    ["tokenizer.model.quantizer_args.init_std=1.0"]),
     "codebook_lr_x10": ("demo with a 10x codebook learning rate", ["train.codebook_lr_mult=10"]),
+    "no_gan": ("demo without the GAN phase (L1 + quantizer losses only)", ["tokenizer.loss.disc_start=1000000"]),
     "no_entropy": ("demo without the entropy loss", ["tokenizer.model.quantizer_args.entropy_weight=0"]),
     "ibq_16k": ("IBQ with 16,384 codes", ["tokenizer.model.num_codes=16384"]),
     "vq_1k": ("plain VQ (nearest neighbour, codebook + commitment loss), 1,024 codes", VQ),
@@ -53,7 +56,7 @@ def compose_recipe(overrides: list[str], run_dir: Path, steps: int, data_root: s
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose("train_tokenizer", overrides=[
             *overrides, f"run_dir={run_dir}", f"train.max_steps={steps}", f"data.root={data_root}",
-            "eval_at_end=false", "tensorboard=false", f"image_every={steps}", f"ckpt_every={steps}",
+            "eval_at_end=false", "tensorboard=false", "overwrite=true", f"image_every={steps}", f"ckpt_every={steps}",
             f"log_every={max(1, steps // 4)}"])
 
 

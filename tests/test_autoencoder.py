@@ -1,5 +1,6 @@
 """GroupNorm groups in the encoder/decoder: narrow models keep colour, reference widths are unchanged."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -40,3 +41,13 @@ def test_group_count_divides_channels_and_old_configs_keep_instance_norm():
     old = {k: list(v) if isinstance(v, tuple) else v for k, v in DEMO.items()}  # a config.yaml without the key
     assert TokenizerConfig.from_dict(old).norm_group_channels == 1
     assert TokenizerConfig.from_dict({**old, "norm_group_channels": 4}).norm_group_channels == 4
+
+
+def test_shallow_layout_without_blocks_and_its_limits():
+    shallow = dict(DEMO, channel_mult=(1, 1), enc_res_blocks=0, dec_res_blocks=0, mid_block=False)
+    model = IBQTokenizer(TokenizerConfig(**shallow))
+    assert len(model.encoder.mid) == 0 and len(model.decoder.mid) == 0
+    rec, _ = model(torch.zeros(2, 3, 32, 32))
+    assert rec.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="res_blocks"):
+        TokenizerConfig(**dict(shallow, channel_mult=(1, 2)))

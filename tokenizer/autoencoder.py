@@ -91,6 +91,7 @@ class ConvStack:
     z_channels: int
     dropout: float = 0.0
     min_group_channels: int = 1
+    mid_block: bool = True  # res + attention + res at the lowest resolution (the reference); False: identity
 
     def norm(self, channels: int) -> nn.GroupNorm:
         return group_norm(channels, self.min_group_channels)
@@ -104,6 +105,8 @@ class ConvStack:
         return layers
 
     def middle(self, channels: int) -> nn.Sequential:
+        if not self.mid_block:
+            return nn.Sequential()  # an empty Sequential returns its input
         return nn.Sequential(ResBlock(channels, channels, self.dropout, self.norm), AttnBlock(channels, self.norm),
                              ResBlock(channels, channels, self.dropout, self.norm))
 

@@ -27,9 +27,16 @@ class TokenizerConfig:
     embed_dim: int = 256
     dropout: float = 0.0
     norm_group_channels: int = 4  # GroupNorm: at least this many channels per group (see autoencoder.py)
+    mid_block: bool = True  # the res + attention + res block at the lowest resolution (reference: on)
     num_codes: int = 16384
     quantizer: str = "ibq"
     quantizer_args: dict[str, Any] = field(default_factory=dict)  # beta, entropy weights, ...
+
+    def __post_init__(self) -> None:
+        widths_change = len(set(self.channel_mult)) > 1
+        if widths_change and min(self.enc_res_blocks, self.dec_res_blocks) < 1:
+            raise ConfigError(f"channel_mult {list(self.channel_mult)} changes width between levels, which a residual "
+                              "block does; enc_res_blocks and dec_res_blocks must be >= 1 (0 needs equal multipliers)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
@@ -66,7 +73,7 @@ class IBQTokenizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         stack = ConvStack(cfg.resolution, cfg.base_channels, cfg.channel_mult, cfg.attn_resolutions, cfg.z_channels,
-                          cfg.dropout, cfg.norm_group_channels)
+                          cfg.dropout, cfg.norm_group_channels, cfg.mid_block)
         self.encoder = Encoder(stack, cfg.enc_res_blocks)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.quantizer: Quantizer = build_quantizer(cfg.quantizer, cfg.num_codes, cfg.embed_dim, cfg.quantizer_args)
