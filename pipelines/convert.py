@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,10 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from generator.llama import GPTConfig, LlamaGPT
-from pipelines.checkpoint import save_model, weights_hash
+from pipelines.checkpoint import MODEL_FILE, save_model, weights_hash
 from pipelines.cli import CONF_DIR, entry_point
 from pipelines.errors import UserError
+from pipelines.util import DirectoryLock, remove_stale_tmp
 from tokenizer.model import IBQTokenizer, TokenizerConfig, load_tokenizer
 
 SOURCES = ("ibq-tok", "ibq-ar", "llamagen-vq", "llamagen-gpt")
@@ -77,11 +79,16 @@ SAFE_GLOBALS: list[tuple[Callable, str]] = [
 _UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def load_checkpoint_file(path: str | Path) -> Any:
-    """The object in ``path``: safetensors as a dict of tensors, pickles via ``weights_only`` and the allowlist."""
+def _existing_source(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"source checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint_file(path: str | Path) -> Any:
+    """The object in ``path``: safetensors as a dict of tensors, pickles via ``weights_only`` and the allowlist."""
+    path = _existing_source(path)
     if path.suffix == ".safetensors":
         return load_file(str(path))
     try:
@@ -536,12 +543,33 @@ def _load_yaml(path: str | None) -> dict[str, Any] | None:
 
 
 def convert(source: str, src: str | Path, out: str | Path, config: str | None = None, ema: bool = True,
-            tokenizer: str | Path | None = None, image_size: int = 256, n_head: int | None = None) -> dict[str, Any]:
-    """Convert one official file; returns a summary (written directories, weights used, dropped entries)."""
+            tokenizer: str | Path | None = None, image_size: int = 256, n_head: int | None = None,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Convert one official file; returns a summary (written directories, weights used, dropped entries).
+
+    ``out`` is locked while it is written, and a directory that already holds weights is only replaced with
+    ``overwrite=True``, the rule every command that writes a checkpoint follows."""
     if source not in SOURCES:
         raise ConversionError(f"unknown source={source!r}; choose one of {', '.join(SOURCES)}")
     if not src or not out:
         raise ConversionError("give src=<official checkpoint> and out=<directory to write>")
+    _existing_source(src)  # before anything about out: a typo in src= is the likelier mistake
+    if not overwrite and (Path(out) / MODEL_FILE).exists():
+        raise ConversionError(f"{out} already holds a checkpoint ({MODEL_FILE}); pass overwrite=true to replace it, "
+                              "or choose another out")
+    created = not Path(out).exists()
+    try:
+        with DirectoryLock(out, "conversion output directory").acquire():
+            remove_stale_tmp(out)
+            return _convert(source, src, out, config, ema, tokenizer, image_size, n_head)
+    except BaseException:
+        if created:  # a failed conversion leaves no half-written directory behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _convert(source: str, src: str | Path, out: str | Path, config: str | None, ema: bool,
+             tokenizer: str | Path | None, image_size: int, n_head: int | None) -> dict[str, Any]:
     obj = load_checkpoint_file(src)
     sd, skipped = official_state_dict(obj, source)
     official = _load_yaml(config)
@@ -582,7 +610,8 @@ def convert(source: str, src: str | Path, out: str | Path, config: str | None = 
 
 
 def run(cfg: DictConfig) -> None:
-    summary = convert(cfg.source, cfg.src, cfg.out, cfg.config, cfg.ema, cfg.tokenizer, cfg.image_size, cfg.n_head)
+    summary = convert(cfg.source, cfg.src, cfg.out, cfg.config, cfg.ema, cfg.tokenizer, cfg.image_size, cfg.n_head,
+                      cfg.overwrite)
     extra = f"; tokenizer -> {summary['tokenizer']}" if "tokenizer" in summary else ""
     weights = f" ({summary['weights']} weights)" if "weights" in summary else ""
     skipped = f"; left out of the file: {', '.join(summary['skipped_entries'])}" if summary["skipped_entries"] else ""

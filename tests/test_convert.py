@@ -520,3 +520,22 @@ def test_generator_spec_is_what_hydra_composes():
     assert "llamagen_3B" in names and "tiny" in names
     for name in names:
         assert _generator_spec(name) == generator_spec(name), name
+
+
+def test_output_directory_is_locked_and_never_silently_replaced(tmp_path):
+    from pipelines.errors import DirectoryLockedError
+    from pipelines.util import DirectoryLock
+
+    torch.save({"state_dict": official_tokenizer_sd("ibq")}, tmp_path / "t.ckpt")
+    args = ("ibq-tok", tmp_path / "t.ckpt", tmp_path / "tok")
+    yaml = str(_official_yaml(tmp_path / "c.yaml", 16))
+    convert(*args, config=yaml)
+    before = (tmp_path / "tok" / "model.safetensors").read_bytes()
+    with pytest.raises(ConversionError, match="already holds a checkpoint.*overwrite=true"):
+        convert(*args, config=yaml)
+    with DirectoryLock(tmp_path / "tok", "run directory").acquire():
+        with pytest.raises(DirectoryLockedError, match="in use"):
+            convert(*args, config=yaml, overwrite=True)
+    assert (tmp_path / "tok" / "model.safetensors").read_bytes() == before
+    convert(*args, config=yaml, overwrite=True)
+    assert load_tokenizer(tmp_path / "tok").cfg.num_codes > 0
