@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from pipelines.data import ImageFolderDataset
 from pipelines.eval.demo import ReconRecognition, baseline_rows
+from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.train.tokenizer import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -61,8 +62,6 @@ def compose_recipe(overrides: list[str], run_dir: Path, steps: int, data_root: s
 
 
 def evaluate(model: torch.nn.Module, val: ImageFolderDataset, judge: ReconRecognition) -> dict[str, Any]:
-    from pipelines.eval.recon import evaluate_reconstruction
-
     judge.reset()
     result = evaluate_reconstruction(model, val, batch_size=100, on_batch=judge)
     return {**result, **judge.summary()}

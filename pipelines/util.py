@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
+import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipelines.errors import WriteError
+from pipelines.errors import DirectoryLockedError, RunDirError, UserError, WriteError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -52,8 +56,6 @@ def _pause_for_tests(path: Path) -> None:
         return
     _writes_seen[name] = _writes_seen.get(name, 0) + 1
     if _writes_seen[name] == int(n):
-        import time
-
         Path(marker).touch()
         while True:
             time.sleep(1)
@@ -135,13 +137,6 @@ class DirectoryLock:
         self.directory, self.what, self._fd = Path(directory), what, None
 
     def acquire(self) -> DirectoryLock:
-        import fcntl
-        import json
-        import socket
-        import time
-
-        from pipelines.errors import DirectoryLockedError
-
         path = self.directory / LOCK_FILE
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -184,8 +179,6 @@ def claim_directory(accelerator, directory: str | Path, what: str,
     temporary files a killed write left there, then runs ``check`` (the directory's own rules). Every process
     raises the same error (none waits for another). Use the result as a context manager: ``with claim...:``."""
     from accelerate.utils import broadcast_object_list
-
-    from pipelines.errors import RunDirError, UserError
 
     lock = DirectoryLock(directory, what)
     problem: Exception | None = None

@@ -7,7 +7,6 @@ of samples and of tokenizer reconstructions, and ``fd_demo``, a Fréchet distanc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from pipelines.data import collate_images
-from pipelines.eval.demo_classifier import ClassifierConfig, load_or_train, per_class_accuracy
+from pipelines.eval.demo_classifier import load_demo_classifier, per_class_accuracy
 from pipelines.eval.metrics import (
     FeatureStats,
     ImageArrayError,
@@ -51,10 +50,7 @@ class ReconRecognition:
 
     def __init__(self, data_root: str | Path, cache_dir: str | Path = "runs/demo_classifier",
                  device: str | torch.device = "cpu") -> None:
-        root = Path(data_root)
-        meta = root / "demo_meta.json"
-        size = json.loads(meta.read_text())["size"] if meta.is_file() else ClassifierConfig.resolution
-        self.classifier, info = load_or_train(root, cache_dir, ClassifierConfig(resolution=size), device)
+        self.classifier, info = load_demo_classifier(data_root, cache_dir, device)
         self.names: list[str] = list(info["classes"])
         self.reset()
 
@@ -111,10 +107,7 @@ def recon_accuracy(report: Report, hook: Any, names: list[str]) -> None:
 def run_demo(cfg: DictConfig, device: torch.device) -> dict | None:
     """Demo metrics: classifier (trained once, cached), tokenizer half (if tokenizer=), samples half (if ar=)."""
     root = Path(cfg.demo_data)
-    meta = root / "demo_meta.json"
-    size = json.loads(meta.read_text())["size"] if meta.is_file() else ClassifierConfig.resolution
-    ccfg = ClassifierConfig(resolution=size, epochs=cfg.classifier_epochs)
-    classifier, info = load_or_train(root, cfg.classifier, ccfg, device)
+    classifier, info = load_demo_classifier(root, cfg.classifier, device, cfg.classifier_epochs)
     names: list[str] = list(info["classes"])
     report = Report("demo metrics")
     report.add("classifier_val_accuracy", info["val_accuracy"])

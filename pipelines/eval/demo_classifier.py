@@ -25,9 +25,8 @@ from tqdm.auto import tqdm
 from pipelines.checkpoint import MODEL_FILE, load_model, save_model
 from pipelines.cli import entry_point
 from pipelines.data import DatasetNotFoundError, load_rgb, resize_and_crop, scan_image_folder
+from pipelines.demo_data import META_FILE
 from pipelines.images import to_uint8
-
-META_FILE = "demo_meta.json"
 
 
 @dataclass
@@ -198,6 +197,19 @@ def load_or_train(root: str | Path, cache_dir: str | Path = "runs/demo_classifie
     model, summary = train_classifier(root, cfg, device)
     save_model(cache_dir, model.state_dict(), {"key": key, "model": asdict(model.cfg), "summary": summary})
     return model, {**summary, "cached": False}
+
+
+def is_demo_dataset(root: str | Path) -> bool:
+    """Whether ``root`` was written by the demo data generator (only then is the classifier a judge)."""
+    return (Path(root) / META_FILE).is_file()
+
+
+def load_demo_classifier(root: str | Path, cache_dir: str | Path, device: str | torch.device = "cpu",
+                         epochs: int = ClassifierConfig.epochs) -> tuple[DemoClassifier, dict[str, Any]]:
+    """The cached classifier at the dataset's own image size (from its ``demo_meta.json``)."""
+    meta = Path(root) / META_FILE
+    size = json.loads(meta.read_text())["size"] if meta.is_file() else ClassifierConfig.resolution
+    return load_or_train(root, cache_dir, ClassifierConfig(resolution=size, epochs=epochs), device)
 
 
 def report(cfg: DictConfig) -> None:

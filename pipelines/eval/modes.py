@@ -46,7 +46,7 @@ from pipelines.eval.metrics import (
 )
 from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.images import to_uint8
-from pipelines.util import atomic_write, evenly_spaced, pick_device, save_npz
+from pipelines.util import atomic_write_text, evenly_spaced, pick_device, save_npz
 from tokenizer.model import TokenizerConfig, load_tokenizer
 from tokenizer.perceptual import VGG16_FILE, PerceptualWeightsMissing, build_perceptual
 
@@ -203,8 +203,7 @@ def finish(cfg: DictConfig, report: Report, json_path: Path | None = None, extra
         append_results(cfg.results, record)
         print(f"appended to {cfg.results}")
     if json_path is not None:
-        text = json.dumps(record, indent=1, default=str)
-        atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(json_path, json.dumps(record, indent=1, default=str))
         print(f"written to {json_path}")
     return record
 

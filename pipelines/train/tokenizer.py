@@ -25,7 +25,7 @@ from pipelines.cli import entry_point, require_choice, require_int
 from pipelines.data import EpochBatchSampler, ImageFolderDataset, collate_images, make_loader, save_class_index
 from pipelines.ema import EMA
 from pipelines.eval.demo import ReconRecognition
-from pipelines.eval.demo_classifier import META_FILE as DEMO_META
+from pipelines.eval.demo_classifier import is_demo_dataset
 from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.images import save_rows
 from pipelines.run_log import RunLogger
@@ -195,8 +195,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
     result: dict[str, Any] = {}
     if accelerator.is_main_process and cfg.eval_at_end:
         # On the built-in dataset the demo classifier says whether reconstructions keep their class.
-        judge = ReconRecognition(d.root, cfg.demo_classifier, accelerator.device) \
-            if (Path(d.root) / DEMO_META).is_file() else None
+        judge = ReconRecognition(d.root, cfg.demo_classifier, accelerator.device) if is_demo_dataset(d.root) else None
         result = evaluate_reconstruction(ema.model, val_set, batch_size=max(t.batch_size, 32),
                                          device=accelerator.device, max_images=cfg.eval_max_images, on_batch=judge)
         result |= judge.summary() if judge is not None else {}
