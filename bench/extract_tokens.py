@@ -27,7 +27,7 @@ from pipelines.checkpoint import MODEL_FILE, save_model
 from pipelines.demo_data import make_demo_dataset
 from pipelines.tokens.extract import extract
 from pipelines.tokens.shards import TokenShardDataset
-from tokenizer.model import IBQTokenizer, TokenizerConfig, load_tokenizer
+from tokenizer.model import ImageTokenizer, TokenizerConfig, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def demo_tokenizer(tmp: Path) -> tuple[Path, str]:
     cfg = compose_cfg("train_tokenizer", [])
     model_cfg = TokenizerConfig.from_dict(dict(cfg.tokenizer.model))
     torch.manual_seed(0)
-    save_model(tmp / "tok", IBQTokenizer(model_cfg).state_dict(),
+    save_model(tmp / "tok", ImageTokenizer(model_cfg).state_dict(),
                {"tokenizer": {"model": model_cfg.to_dict()}, "data": {"resolution": model_cfg.resolution}})
     return tmp / "tok", "demo architecture, random weights"
 

@@ -229,7 +229,7 @@ class Block(nn.Module):
         return x + gate_f[:, None] * self.feed_forward(modulate(self.ffn_norm(x), shift_f, scale_f))
 
 
-class AdaLNBeforeHead(nn.Module):
+class HeadNorm(nn.Module):
     """The norm before the output projection (``cfg.head_norm``): shifted and scaled by the class embedding
     for ``adaln`` / ``adaln_rms``, a plain RMSNorm for ``rms``."""
 
@@ -258,7 +258,7 @@ class LlamaGPT(nn.Module):
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # last row = null class (CFG)
         self.token_dropout = nn.Dropout(cfg.token_dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.final_norm = AdaLNBeforeHead(cfg)
+        self.final_norm = HeadNorm(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("rope", rope_2d(cfg.grid, cfg.head_dim, cfg.rope_base, cfg.rope_cls),
                              persistent=False)

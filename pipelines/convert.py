@@ -49,7 +49,7 @@ from pipelines.checkpoint import MODEL_FILE, save_model, weights_hash
 from pipelines.cli import CONF_DIR, entry_point
 from pipelines.errors import UserError
 from pipelines.util import DirectoryLock, remove_stale_tmp
-from tokenizer.model import IBQTokenizer, TokenizerConfig, load_tokenizer
+from tokenizer.model import ImageTokenizer, TokenizerConfig, load_tokenizer
 
 SOURCES = ("ibq-tok", "ibq-ar", "llamagen-vq", "llamagen-gpt")
 
@@ -322,7 +322,7 @@ def convert_ibq_tokenizer(sd: dict[str, Tensor], config: dict[str, Any] | None =
             for p in ("weight", "bias"):
                 m.copy(f"decoder.up.{i}.upsample.conv.{p}", f"decoder.ups.{k}.conv.{p}")
     m.drop(lambda k: k.startswith("loss."))  # discriminator, perceptual network, LeCAM buffers
-    return m.finish(IBQTokenizer(cfg)), cfg.to_dict(), which
+    return m.finish(ImageTokenizer(cfg)), cfg.to_dict(), which
 
 
 def convert_llamagen_vq(sd: dict[str, Tensor], image_size: int = 256,
@@ -353,7 +353,7 @@ def convert_llamagen_vq(sd: dict[str, Tensor], image_size: int = 256,
                 m.copy(f"encoder.conv_blocks.{i}.downsample.conv.{p}", f"encoder.downs.{i}.conv.{p}")
                 m.copy(f"decoder.conv_blocks.{i}.upsample.conv.{p}", f"decoder.ups.{i}.conv.{p}")
     m.drop(lambda k: k == "quantize.codebook_used")  # training-time usage statistics
-    return m.finish(IBQTokenizer(cfg)), cfg.to_dict()
+    return m.finish(ImageTokenizer(cfg)), cfg.to_dict()
 
 
 # ------------------------------------------------------------------------------------------- generators
@@ -514,7 +514,7 @@ def _origin(source: str, src: str | Path, **extra: Any) -> dict[str, Any]:
 
 def write_tokenizer(out: str | Path, state: dict[str, Tensor], model_cfg: dict[str, Any],
                     origin: dict[str, Any]) -> Path:
-    IBQTokenizer(TokenizerConfig.from_dict(model_cfg)).load_state_dict(state, strict=True)
+    ImageTokenizer(TokenizerConfig.from_dict(model_cfg)).load_state_dict(state, strict=True)
     save_model(out, state, {"tokenizer": {"model": model_cfg}, **origin})
     return Path(out)
 

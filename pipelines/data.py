@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -208,6 +208,13 @@ class EpochBatchSampler(Sampler[list]):
             yield [(i, self.epoch) for i in mine] if self.shuffle else mine
 
 
-def make_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_images,
+def collate_tokens(batch: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
+    """Stack token grids and labels (token shards hold no corrupt items to drop)."""
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+
+
+def make_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int,
+                collate: Callable[[list], tuple[Tensor, Tensor]] = collate_images) -> DataLoader:
+    """The trainers' loader: batches from ``sampler``; ``collate_images`` for images, ``collate_tokens`` for tokens."""
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)

@@ -26,7 +26,7 @@ from pipelines.checkpoint import MissingCheckpointError, weights_hash
 from pipelines.cli import require_choice, require_int, require_number
 from pipelines.errors import UserError
 from pipelines.images import to_uint8
-from tokenizer.model import IBQTokenizer, load_tokenizer
+from tokenizer.model import ImageTokenizer, load_tokenizer
 
 
 class UnknownClassError(UserError, ValueError):
@@ -47,7 +47,7 @@ def check_tokenizer(tokenizer_dir: str | Path, config: dict[str, Any]) -> None:
 
 
 def load_pipeline(ckpt_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                  device: str | torch.device = "cpu") -> tuple[LlamaGPT, IBQTokenizer, dict[str, Any]]:
+                  device: str | torch.device = "cpu") -> tuple[LlamaGPT, ImageTokenizer, dict[str, Any]]:
     """Generator, its tokenizer (the recorded path unless ``tokenizer_dir`` is given; hash-checked) and config."""
     model, config = load_generator(ckpt_dir, device)
     tok_dir = tokenizer_dir or config.get("tokenizer_dir")
@@ -124,7 +124,7 @@ def sample_plan(classes: Sequence[int], n: int) -> tuple[Tensor, Tensor]:
     return labels, torch.arange(n).repeat(len(classes))
 
 
-def iter_images(model: LlamaGPT, tokenizer: IBQTokenizer, labels: Tensor, indices: Tensor, recipe: dict[str, Any],
+def iter_images(model: LlamaGPT, tokenizer: ImageTokenizer, labels: Tensor, indices: Tensor, recipe: dict[str, Any],
                 seed: int = 0, batch_size: int = 32, use_cache: bool = True, progress: bool = True
                 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (labels, uint8 images (b, H, W, 3)) batch by batch, so callers can stream many samples to disk."""

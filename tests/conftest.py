@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from pipelines.checkpoint import save_model
 from pipelines.demo_data import make_demo_dataset
 from pipelines.tokens.extract import extract
-from tokenizer.model import IBQTokenizer, TokenizerConfig
+from tokenizer.model import ImageTokenizer, TokenizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def tiny_tokenizer(demo_root, tmp_path_factory) -> Path:
 
     config = OmegaConf.to_container(cfg, resolve=True)
     torch.manual_seed(0)
-    model = IBQTokenizer(TokenizerConfig.from_dict(config["tokenizer"]["model"]))
+    model = ImageTokenizer(TokenizerConfig.from_dict(config["tokenizer"]["model"]))
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     save_model(out, model.state_dict(), config)
     return out

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from tokenizer.autoencoder import group_norm
-from tokenizer.model import IBQTokenizer, TokenizerConfig
+from tokenizer.model import ImageTokenizer, TokenizerConfig
 
 DEMO = dict(resolution=32, base_channels=32, channel_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1,
             attn_resolutions=(), z_channels=8, embed_dim=8, num_codes=16)
@@ -18,17 +18,17 @@ def _flat_colour_features(channels: int, seed: int) -> torch.Tensor:
 
 
 def test_flat_colour_survives_the_decoders_last_norm():
-    for min_group_channels, survives in ((4, True), (1, False)):
-        model = IBQTokenizer(TokenizerConfig(**DEMO, norm_group_channels=min_group_channels))
+    for norm_group_channels, survives in ((4, True), (1, False)):
+        model = ImageTokenizer(TokenizerConfig(**DEMO, norm_group_channels=norm_group_channels))
         norm = model.decoder.norm_out
-        assert norm.num_channels == 32 and norm.num_groups == 32 // min_group_channels
+        assert norm.num_channels == 32 and norm.num_groups == 32 // norm_group_channels
         a, b = (norm(_flat_colour_features(32, s)) for s in (0, 1))
         # One channel per group (instance norm) maps every flat input to the same output: the colour is gone.
         assert (not torch.allclose(a, b, atol=1e-2)) == survives
 
 
 def test_reference_widths_keep_32_groups():
-    model = IBQTokenizer(TokenizerConfig(resolution=64, channel_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1,
+    model = ImageTokenizer(TokenizerConfig(resolution=64, channel_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1,
                                          attn_resolutions=(), z_channels=8, embed_dim=8, num_codes=16))
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all(m.num_groups == 32 for m in norms)  # base 128: >= 4 channels per group already
@@ -45,7 +45,7 @@ def test_group_count_divides_channels_and_old_configs_keep_instance_norm():
 
 def test_shallow_layout_without_blocks_and_its_limits():
     shallow = dict(DEMO, channel_mult=(1, 1), enc_res_blocks=0, dec_res_blocks=0, mid_block=False)
-    model = IBQTokenizer(TokenizerConfig(**shallow))
+    model = ImageTokenizer(TokenizerConfig(**shallow))
     assert len(model.encoder.mid) == 0 and len(model.decoder.mid) == 0
     rec, _ = model(torch.zeros(2, 3, 32, 32))
     assert rec.shape == (2, 3, 32, 32)

@@ -14,6 +14,7 @@ from pipelines.data import (
     EpochBatchSampler,
     ImageFolderDataset,
     collate_images,
+    collate_tokens,
     save_class_index,
     scan_image_folder,
 )
@@ -61,6 +62,13 @@ def test_corrupt_image_is_skipped_with_a_warning_naming_it(corrupt_root):
     assert item is None
     x, y = collate_images([ds[0], None, ds[1]])
     assert x.shape[0] == 2 and y.shape == (2,)
+
+
+def test_collate_tokens_stacks_grids_and_labels():
+    grids = [torch.full((4, 4), i, dtype=torch.long) for i in range(3)]
+    x, y = collate_tokens([(g, 7 - i) for i, g in enumerate(grids)])
+    assert x.shape == (3, 4, 4) and x.dtype == torch.long and x[2].eq(2).all()
+    assert y.tolist() == [7, 6, 5]
 
 
 def test_corrupt_image_fails_clearly_when_configured(corrupt_root):

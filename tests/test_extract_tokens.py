@@ -26,7 +26,7 @@ from pipelines.tokens.shards import (
     token_dtype,
 )
 from tests.conftest import ROOT, compose_config
-from tokenizer.model import IBQTokenizer, TokenizerConfig, load_tokenizer
+from tokenizer.model import ImageTokenizer, TokenizerConfig, load_tokenizer
 
 SHARD = 16  # the 60 demo train images -> shards of 16, 16, 16, 12
 
@@ -36,7 +36,7 @@ def make_tokenizer(directory: Path, num_codes: int) -> Path:
     torch.manual_seed(0)
     cfg = TokenizerConfig(resolution=32, base_channels=16, channel_mult=(1, 2, 2), enc_res_blocks=1,
                           dec_res_blocks=1, attn_resolutions=(), z_channels=16, embed_dim=16, num_codes=num_codes)
-    save_model(directory, IBQTokenizer(cfg).state_dict(), {"tokenizer": {"model": cfg.to_dict()},
+    save_model(directory, ImageTokenizer(cfg).state_dict(), {"tokenizer": {"model": cfg.to_dict()},
                                                            "data": {"resolution": 32}})
     return directory
 

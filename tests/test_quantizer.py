@@ -226,14 +226,14 @@ def test_vq_l2_norm_is_llamagen_recipe():
 
 
 def test_tokenizer_config_selects_llamagen_vq():
-    from tokenizer.model import IBQTokenizer, TokenizerConfig
+    from tokenizer.model import ImageTokenizer, TokenizerConfig
 
     cfg = TokenizerConfig(resolution=16, base_channels=32, channel_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1,
                           attn_resolutions=(), z_channels=8, embed_dim=8, num_codes=16, quantizer="vq",
                           quantizer_args={"beta": 0.25, "l2_norm": True})
-    assert IBQTokenizer(cfg).quantizer.l2_norm
+    assert ImageTokenizer(cfg).quantizer.l2_norm
     ibq_args = {"beta": 0.25, "entropy_eps": 1e-5, "entropy_temperature": 0.01}
-    ibq = IBQTokenizer(TokenizerConfig(**{**cfg.__dict__, "quantizer": "ibq", "quantizer_args": ibq_args})).quantizer
+    ibq = ImageTokenizer(TokenizerConfig(**{**cfg.__dict__, "quantizer": "ibq", "quantizer_args": ibq_args})).quantizer
     assert ibq.entropy_eps == 1e-5
     with pytest.raises(ValueError, match="l2_norm"):  # each quantizer takes its own arguments only
         build_quantizer("ibq", 16, 8, {"l2_norm": True})

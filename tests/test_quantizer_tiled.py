@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import TINY_TOKENIZER, compose_config
-from tokenizer.model import IBQTokenizer, TokenizerConfig
+from tokenizer.model import ImageTokenizer, TokenizerConfig
 from tokenizer.quantizer import TILED_MIN_CODES, IBQuantizer, tiled_argmax
 
 TERMS = ("quant_st", "commitment", "codebook", "quant", "sample_entropy", "batch_entropy", "entropy")
@@ -196,9 +196,9 @@ def test_config_selects_implementation():
     args = "+tokenizer.model.quantizer_args"
     cfg = _tokenizer_config("tokenizer.model.num_codes=100", f"{args}.impl=tiled", f"{args}.code_tile=33",
                             f"{args}.pos_tile=9")
-    tiled = IBQTokenizer(cfg)
+    tiled = ImageTokenizer(cfg)
     assert tiled.quantizer.tiled and (tiled.quantizer.code_tile, tiled.quantizer.pos_tile) == (33, 9)
-    naive = IBQTokenizer(_tokenizer_config("tokenizer.model.num_codes=100"))  # demo config: auto
+    naive = ImageTokenizer(_tokenizer_config("tokenizer.model.num_codes=100"))  # demo config: auto
     assert naive.quantizer.impl == "auto" and not naive.quantizer.tiled
     naive.load_state_dict(tiled.state_dict())  # same parameters: impl is not part of the checkpoint
 

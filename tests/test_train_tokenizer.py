@@ -13,7 +13,7 @@ import torch
 from pipelines.checkpoint import MissingCheckpointError, load_train_state
 from pipelines.train.tokenizer import lr_factor, train
 from tests.conftest import ROOT, TINY_TOKENIZER, assert_same_weights, compose_config, launch_two_processes
-from tokenizer.model import IBQTokenizer, TokenizerConfig, load_tokenizer
+from tokenizer.model import ImageTokenizer, TokenizerConfig, load_tokenizer
 
 
 @pytest.mark.parametrize("name,res,grid", [("demo", 64, 8), ("imagenet_256", 256, 16)])
@@ -22,7 +22,7 @@ def test_autoencoder_shapes_for_both_configs(name, res, grid):
     model_cfg = TokenizerConfig.from_dict(dict(cfg.tokenizer.model))
     assert model_cfg.grid == grid
     with torch.device("meta"):  # shapes without allocating the 100M-parameter reference model
-        model = IBQTokenizer(model_cfg)
+        model = ImageTokenizer(model_cfg)
         z = model.quant_conv(model.encoder(torch.empty(2, 3, res, res)))
         indices = model.quantizer.encode_indices(z)
         recon = model.decode_tokens(indices)

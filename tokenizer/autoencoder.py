@@ -3,7 +3,7 @@
 Resolution halves after every level but the last, so ``len(channel_mult) - 1`` levels of 2x give
 the downsampling factor (5 levels -> 16x for the ImageNet reference, 4 levels -> 8x for the demo).
 
-GroupNorm uses 32 groups, as the reference, but never fewer than ``min_group_channels`` channels per
+GroupNorm uses 32 groups, as the reference, but never fewer than ``norm_group_channels`` channels per
 group. Why: a group of one channel is instance norm, which removes each channel's per-image mean (a flat
 colour) and, right before the RGB conv, causes "droplet" artefacts (a spike with a dark halo). Widths of
 128 and more (every reference model) have >= 4 channels per group either way, so only narrow models change.
@@ -21,10 +21,10 @@ from torch import Tensor, nn
 Norm = Callable[[int], nn.Module]
 
 
-def group_norm(channels: int, min_group_channels: int = 1) -> nn.GroupNorm:
+def group_norm(channels: int, norm_group_channels: int = 1) -> nn.GroupNorm:
     """GroupNorm with the largest group count <= 32 that divides ``channels`` and keeps
-    ``min_group_channels`` channels per group (1 = the reference's ``min(32, channels)`` groups)."""
-    groups = max(1, min(32, channels // max(1, min_group_channels)))
+    ``norm_group_channels`` channels per group (1 = the reference's ``min(32, channels)`` groups)."""
+    groups = max(1, min(32, channels // max(1, norm_group_channels)))
     while channels % groups:
         groups -= 1
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
@@ -90,11 +90,11 @@ class ConvStack:
     attn_resolutions: Sequence[int]
     z_channels: int
     dropout: float = 0.0
-    min_group_channels: int = 1
+    norm_group_channels: int = 1
     mid_block: bool = True  # res + attention + res at the lowest resolution (the reference); False: identity
 
     def norm(self, channels: int) -> nn.GroupNorm:
-        return group_norm(channels, self.min_group_channels)
+        return group_norm(channels, self.norm_group_channels)
 
     def level(self, c_in: int, c_out: int, blocks: int, res: int) -> nn.ModuleList:
         layers = nn.ModuleList()

@@ -68,7 +68,7 @@ class TokenizerConfig:
         return self.resolution // self.downsample
 
 
-class IBQTokenizer(nn.Module):
+class ImageTokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -100,13 +100,13 @@ class IBQTokenizer(nn.Module):
         return self.decode(self.quantizer.lookup(indices))
 
 
-def load_tokenizer(directory, device: str | torch.device = "cpu") -> IBQTokenizer:
+def load_tokenizer(directory, device: str | torch.device = "cpu") -> ImageTokenizer:
     """An IBQ tokenizer in eval mode from ``model.safetensors`` + ``config.yaml`` alone."""
     from pipelines.checkpoint import load_model  # file I/O only (no model code)
 
     state, config = load_model(directory)
     if "tokenizer" not in config or "model" not in config["tokenizer"]:
         raise ValueError(f"{directory} is not a tokenizer checkpoint (config has no tokenizer.model)")
-    model = IBQTokenizer(TokenizerConfig.from_dict(config["tokenizer"]["model"]))
+    model = ImageTokenizer(TokenizerConfig.from_dict(config["tokenizer"]["model"]))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from pipelines.data import collate_images
 from pipelines.eval.metrics import ssim
 from pipelines.images import psnr, to_uint8
-from tokenizer.model import IBQTokenizer
+from tokenizer.model import ImageTokenizer
 from tokenizer.quantizer import entropy
 
 # Called once per batch with (originals, reconstructions, labels); images in [-1, 1] on the model's device.
@@ -22,7 +22,7 @@ BatchHook = Callable[[Tensor, Tensor, Tensor], None]
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: IBQTokenizer, dataset: Dataset, batch_size: int = 32,
+def evaluate_reconstruction(model: ImageTokenizer, dataset: Dataset, batch_size: int = 32,
                             device: str | torch.device = "cpu", max_images: int | None = None,
                             num_workers: int = 0, perceptual: nn.Module | None = None,
                             on_batch: BatchHook | None = None) -> dict[str, Any]:

@@ -61,7 +61,7 @@ from pipelines.tokens.shards import (
     write_shard,
 )
 from pipelines.util import atomic_write_text, claim_directory, file_sha256
-from tokenizer.model import IBQTokenizer, load_tokenizer
+from tokenizer.model import ImageTokenizer, load_tokenizer
 
 PARTS_DIR, SETTINGS_FILE = "parts", "settings.json"
 
@@ -122,7 +122,7 @@ def _collate(batch: list[tuple[Tensor | None, int, int]]) -> tuple[Tensor | None
 
 
 @torch.inference_mode()
-def _tokenize(model: IBQTokenizer, x: Tensor, accelerator: Accelerator) -> Tensor:
+def _tokenize(model: ImageTokenizer, x: Tensor, accelerator: Accelerator) -> Tensor:
     """(B, 3, R, R) -> (B, h, w). Under mixed precision only the encoder runs in low precision."""
     if accelerator.mixed_precision == "no":
         return model.tokenize(x)
@@ -131,7 +131,7 @@ def _tokenize(model: IBQTokenizer, x: Tensor, accelerator: Accelerator) -> Tenso
     return model.quantizer.encode_indices(z.float())
 
 
-def _settings(cfg: DictConfig, model: IBQTokenizer, tok_hash: str, resolution: int,
+def _settings(cfg: DictConfig, model: ImageTokenizer, tok_hash: str, resolution: int,
               samples: list[tuple[str, int]], split_dir: Path) -> dict[str, Any]:
     """Everything that determines the shard bytes; a resumed run must match it exactly."""
     listing = hashlib.sha256()
@@ -249,7 +249,7 @@ def extract(cfg: DictConfig) -> dict[str, Any] | None:
         return _extract(cfg, accelerator, model, tok_dir, settings, samples, classes, split_dir)
 
 
-def _extract(cfg: DictConfig, accelerator: Accelerator, model: IBQTokenizer, tok_dir: Path, settings: dict[str, Any],
+def _extract(cfg: DictConfig, accelerator: Accelerator, model: ImageTokenizer, tok_dir: Path, settings: dict[str, Any],
              samples: list[tuple[str, int]], classes: list[str], split_dir: Path) -> dict[str, Any] | None:
     rank, world = accelerator.process_index, accelerator.num_processes
     tok_hash, resolution, out = settings["tokenizer_hash"], settings["resolution"], Path(cfg.out_dir)

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from generator.llama import GPTConfig, LlamaGPT, next_token_loss
 from pipelines.checkpoint import CONFIG_FILE, has_train_state, load_config
 from pipelines.cli import entry_point
-from pipelines.data import EpochBatchSampler, make_loader, save_class_index
+from pipelines.data import EpochBatchSampler, collate_tokens, make_loader, save_class_index
 from pipelines.ema import EMA
 from pipelines.errors import ConfigError
 from pipelines.run_log import RunLogger
@@ -140,7 +140,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
 
     sampler = EpochBatchSampler(len(train_set), t.batch_size, accelerator.process_index,
                                 accelerator.num_processes, seed=cfg.seed)
-    loader = make_loader(train_set, sampler, cfg.data.num_workers)
+    loader = make_loader(train_set, sampler, cfg.data.num_workers, collate_tokens)
     # Each new DataLoader iterator draws a seed; from its own generator, not the global RNG that dropout and
     # label dropout use, or a resumed run (which starts a fresh iterator mid-epoch) would drift by one draw.
     loader.generator = torch.Generator().manual_seed(cfg.seed)

@@ -33,7 +33,7 @@ from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, l
 from pipelines.util import atomic_write_text, evenly_spaced
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import LossConfig, TokenizerLoss
-from tokenizer.model import IBQTokenizer, TokenizerConfig
+from tokenizer.model import ImageTokenizer, TokenizerConfig
 from tokenizer.perceptual import build_perceptual
 
 
@@ -72,7 +72,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
     loss_cfg = LossConfig(**config["tokenizer"]["loss"])
     perceptual = build_perceptual(loss_cfg.perceptual, loss_cfg.vgg_weights) if loss_cfg.perceptual_weight > 0 \
         else None
-    model = IBQTokenizer(model_cfg)
+    model = ImageTokenizer(model_cfg)
     disc = PatchDiscriminator(base_channels=loss_cfg.disc_channels, num_layers=loss_cfg.disc_layers)
     criterion = TokenizerLoss(loss_cfg, perceptual).to(accelerator.device)
     ema = EMA(model, t.ema_decay)
