@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pipelines.errors import ConfigError, UserError
+from pipelines.progress import progress_bar
 
 # Every pair of classes differs in colour and in shape or texture (tests check this), so a class
 # stays identifiable when one attribute is blurred away by downsampling or lossy compression.
@@ -222,16 +222,14 @@ def _write_image(job: tuple[str, int, str, int, int, int]) -> None:
 
 
 def _render_all(jobs: list[tuple[str, int, str, int, int, int]], workers: int, desc: str) -> None:
-    bar = tqdm(total=len(jobs), desc=desc, unit="img", dynamic_ncols=True)
-    if workers <= 1:
-        for job in jobs:
-            _write_image(job)
-            bar.update()
-    else:  # spawn, not fork: safe when the caller has threads (torch, a DataLoader) running
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for _ in pool.imap_unordered(_write_image, jobs, chunksize=32):
-                bar.update()
-    bar.close()
+    with progress_bar(len(jobs), desc, unit="img") as bar:
+        if workers <= 1:
+            for job in bar.iter(jobs):
+                _write_image(job)
+        else:  # spawn, not fork: safe when the caller has threads (torch, a DataLoader) running
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for _ in bar.iter(pool.imap_unordered(_write_image, jobs, chunksize=32)):
+                    pass
 
 
 def make_demo_dataset(

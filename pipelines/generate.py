@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from generator.llama import LlamaGPT, load_generator
 from generator.sampling import CFG_SCHEDULES, generate
@@ -26,6 +25,7 @@ from pipelines.checkpoint import MissingCheckpointError, weights_hash
 from pipelines.cli import require_choice, require_int, require_number
 from pipelines.errors import UserError
 from pipelines.images import to_uint8
+from pipelines.progress import progress_bar
 from tokenizer.model import ImageTokenizer, load_tokenizer
 
 
@@ -135,15 +135,14 @@ def iter_images(model: LlamaGPT, tokenizer: ImageTokenizer, labels: Tensor, indi
                                 f"0..{model.cfg.num_classes - 1}")
     device = model.tok_embeddings.weight.device
     h, w = model.cfg.grid
-    bar = tqdm(total=len(labels), unit="img", desc="sample", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(labels), batch_size):
-        chunk = labels[start:start + batch_size]
-        gens = sample_generators(chunk, indices[start:start + batch_size], seed, device)
-        tokens = generate(model, chunk, cfg_scale=recipe["cfg"], temperature=recipe["temperature"],
-                          top_k=recipe["top_k"], top_p=recipe["top_p"], cfg_schedule=recipe["cfg_schedule"],
-                          generator=gens, use_cache=use_cache)
-        with torch.no_grad():
-            images = tokenizer.decode_tokens(tokens.view(-1, h, w))
-        bar.update(len(chunk))
-        yield chunk, to_uint8(images)
-    bar.close()
+    with progress_bar(len(labels), "sample", unit="img", enabled=progress) as bar:
+        for start in range(0, len(labels), batch_size):
+            chunk = labels[start:start + batch_size]
+            gens = sample_generators(chunk, indices[start:start + batch_size], seed, device)
+            tokens = generate(model, chunk, cfg_scale=recipe["cfg"], temperature=recipe["temperature"],
+                              top_k=recipe["top_k"], top_p=recipe["top_p"], cfg_schedule=recipe["cfg_schedule"],
+                              generator=gens, use_cache=use_cache)
+            with torch.no_grad():
+                images = tokenizer.decode_tokens(tokens.view(-1, h, w))
+            bar.update(len(chunk))
+            yield chunk, to_uint8(images)

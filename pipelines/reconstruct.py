@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from omegaconf import DictConfig, ListConfig
-from tqdm.auto import tqdm
 
 from pipelines.cli import entry_point, require_int
 from pipelines.data import (
@@ -28,6 +27,7 @@ from pipelines.data import (
     resize_and_crop,
 )
 from pipelines.images import psnr, save_png, save_rows, to_uint8
+from pipelines.progress import progress_bar
 from pipelines.util import atomic_write_text, claim_directory, evenly_spaced, pick_device
 from tokenizer.model import load_tokenizer
 
@@ -61,27 +61,29 @@ def reconstruct(cfg: DictConfig) -> dict:
 def _reconstruct(cfg: DictConfig, model, files: list[Path], out: Path, device: torch.device) -> dict:
     res = model.cfg.resolution
     tokens, originals, recons, scores = {}, [], [], []
-    for start in tqdm(range(0, len(files), cfg.batch_size), desc="reconstruct"):
-        batch, names = [], []
-        for f in files[start:start + cfg.batch_size]:
-            try:
-                batch.append(resize_and_crop(load_rgb(str(f)), res, None))
-                names.append(f)
-            except CorruptImageError as err:
-                warnings.warn(f"skipping {err}", stacklevel=1)
-        if not batch:
-            continue
-        x = torch.stack(batch).to(device)
-        with torch.no_grad():
-            idx = model.tokenize(x)
-            rec = model.decode_tokens(idx).clamp(-1, 1)
-        scores += psnr(x, rec).tolist()
-        for f, img, grid in zip(names, to_uint8(rec), idx.cpu(), strict=True):
-            stem = f"{f.parent.name}_{f.stem}"
-            save_png(img, out / f"{stem}.png")
-            tokens[str(f)] = grid.tolist()
-        originals.append(x.cpu())
-        recons.append(rec.cpu())
+    chunks = [files[start:start + cfg.batch_size] for start in range(0, len(files), cfg.batch_size)]
+    with progress_bar(len(chunks), "reconstruct", unit="batch") as bar:
+        for chunk in bar.iter(chunks):
+            batch, names = [], []
+            for f in chunk:
+                try:
+                    batch.append(resize_and_crop(load_rgb(str(f)), res, None))
+                    names.append(f)
+                except CorruptImageError as err:
+                    warnings.warn(f"skipping {err}", stacklevel=1)
+            if not batch:
+                continue
+            x = torch.stack(batch).to(device)
+            with torch.no_grad():
+                idx = model.tokenize(x)
+                rec = model.decode_tokens(idx).clamp(-1, 1)
+            scores += psnr(x, rec).tolist()
+            for f, img, grid in zip(names, to_uint8(rec), idx.cpu(), strict=True):
+                stem = f"{f.parent.name}_{f.stem}"
+                save_png(img, out / f"{stem}.png")
+                tokens[str(f)] = grid.tolist()
+            originals.append(x.cpu())
+            recons.append(rec.cpu())
     originals, recons = torch.cat(originals), torch.cat(recons)
     for g in range(0, len(originals), 16):
         suffix = "" if g == 0 else f"_{g // 16}"

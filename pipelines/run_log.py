@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from pipelines.progress import write
 from pipelines.util import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -32,7 +31,7 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                tqdm.write("tensorboard is not installed: metrics go to metrics.jsonl only")
+                write("tensorboard is not installed: metrics go to metrics.jsonl only")
             else:
                 self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
 
@@ -59,7 +58,7 @@ class RunLogger:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, v, step)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        tqdm.write(f"[step {step}] {shown}")
+        write(f"[step {step}] {shown}")
 
     def close(self) -> None:
         if self.writer is not None:

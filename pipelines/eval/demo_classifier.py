@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from pipelines.checkpoint import MODEL_FILE, load_model, save_model
 from pipelines.cli import entry_point
 from pipelines.data import DatasetNotFoundError, load_rgb, resize_and_crop, scan_image_folder
 from pipelines.demo_data import META_FILE
 from pipelines.images import to_uint8
+from pipelines.progress import progress_bar
 
 
 @dataclass
@@ -87,12 +87,13 @@ def load_split_uint8(root: str | Path, split: str, resolution: int) -> tuple[Ten
     """
     samples, classes = scan_image_folder(Path(root) / split)
     xs = []
-    for path, _ in tqdm(samples, desc=f"load {split}", leave=False):
-        img = load_rgb(path)
-        if img.size == (resolution, resolution):
-            xs.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
-        else:
-            xs.append(to_uint8(resize_and_crop(img, resolution, None)[None])[0].permute(2, 0, 1))
+    with progress_bar(len(samples), f"load {split}", unit="img", leave=False) as bar:
+        for path, _ in bar.iter(samples):
+            img = load_rgb(path)
+            if img.size == (resolution, resolution):
+                xs.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
+            else:
+                xs.append(to_uint8(resize_and_crop(img, resolution, None)[None])[0].permute(2, 0, 1))
     return torch.stack(xs), torch.tensor([label for _, label in samples]), classes
 
 
@@ -156,19 +157,18 @@ def train_classifier(root: str | Path, cfg: ClassifierConfig, device: str | torc
     steps = cfg.epochs * ((len(x_train) + cfg.batch_size - 1) // cfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
-    bar = tqdm(total=steps, desc="train demo classifier", leave=False)
-    for _ in range(cfg.epochs):
-        model.train()
-        for idx in torch.randperm(len(x_train), generator=gen).split(cfg.batch_size):
-            x = _blur(model.prepare(_augment(x_train[idx], gen)), cfg.blur_prob, gen)
-            loss = F.cross_entropy(model(x), y_train[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+    with progress_bar(steps, "train demo classifier", unit="step", leave=False) as bar:
+        for _ in range(cfg.epochs):
+            model.train()
+            for idx in torch.randperm(len(x_train), generator=gen).split(cfg.batch_size):
+                x = _blur(model.prepare(_augment(x_train[idx], gen)), cfg.blur_prob, gen)
+                loss = F.cross_entropy(model(x), y_train[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.set(loss=loss.item())
+                bar.update()
     model.eval()
     summary = {"val_accuracy": accuracy(model, x_val, y_val), "train_images": len(x_train),
                "val_images": len(x_val), "classes": classes, "train_seconds": round(time.time() - start, 1)}

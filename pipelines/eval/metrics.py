@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from pipelines.data import IMAGE_EXTENSIONS, DatasetNotFoundError, image_files, load_rgb, resize_and_crop
 from pipelines.errors import UserError
+from pipelines.progress import progress_bar
 from pipelines.util import save_npz
 
 
@@ -209,18 +209,16 @@ class ImageSet:
             raise ImageArrayError(f"{what} {self.source} holds {len(self)} image(s); at least {minimum} are needed")
         if self.array is not None:
             return tuple(self.array.shape[1:3])
-        if self.resolution is not None:
-            for f in tqdm(self.files, desc=f"check {what}", leave=False):
-                load_rgb(str(f))
-            return self.resolution, self.resolution
         first = None
-        for f in tqdm(self.files, desc=f"check {what}", leave=False):
-            size = load_rgb(str(f)).size[::-1]
-            first = first or (size, f)
-            if size != first[0]:
-                raise ImageArrayError(f"images of {what} differ in size: {first[1]} is {first[0][1]}x{first[0][0]}, "
-                                      f"{f} is {size[1]}x{size[0]}; set resolution=N to resize and centre-crop them")
-        return first[0]
+        with progress_bar(len(self.files), f"check {what}", unit="img", leave=False) as bar:
+            for f in bar.iter(self.files):
+                size = load_rgb(str(f)).size[::-1]
+                first = first or (size, f)
+                if size != first[0] and self.resolution is None:
+                    raise ImageArrayError(f"images of {what} differ in size: {first[1]} is {first[0][1]}x"
+                                          f"{first[0][0]}, {f} is {size[1]}x{size[0]}; set resolution=N to resize "
+                                          "and centre-crop them")
+        return (self.resolution, self.resolution) if self.resolution is not None else first[0]
 
     def _load(self, path: Path) -> np.ndarray:
         img = load_rgb(str(path))
@@ -326,10 +324,11 @@ def extract_features(images: ImageSet, fn: Callable[[Tensor], dict[str, Tensor |
     """Run ``fn`` (uint8 batch -> named feature tensors) over every image; concatenated on the CPU."""
     parts: dict[str, list[Tensor]] = {}
     total = (len(images) + batch_size - 1) // batch_size
-    for batch in tqdm(images.batches(batch_size), total=total, desc=desc, leave=False):
-        for name, value in fn(batch).items():
-            if value is not None:
-                parts.setdefault(name, []).append(value.float().cpu())
+    with progress_bar(total, desc, unit="batch", leave=False) as bar:
+        for batch in bar.iter(images.batches(batch_size)):
+            for name, value in fn(batch).items():
+                if value is not None:
+                    parts.setdefault(name, []).append(value.float().cpu())
     return {name: torch.cat(v) for name, v in parts.items()}
 
 

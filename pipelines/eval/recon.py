@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from pipelines.data import collate_images
 from pipelines.eval.metrics import ssim
 from pipelines.images import psnr, to_uint8
+from pipelines.progress import progress_bar
 from tokenizer.model import ImageTokenizer
 from tokenizer.quantizer import entropy
 
@@ -41,22 +41,23 @@ def evaluate_reconstruction(model: ImageTokenizer, dataset: Dataset, batch_size:
     counts = torch.zeros(num_codes, dtype=torch.long)
     psnr_sum = l1_sum = ssim_sum = lpips_sum = 0.0
     images = 0
-    for x, labels in tqdm(loader, desc="eval reconstruction", leave=False):
-        if x.shape[0] == 0:
-            continue
-        x = x.to(device)
-        idx = model.tokenize(x)
-        rec = model.decode_tokens(idx).clamp(-1, 1)
-        counts += torch.bincount(idx.reshape(-1).cpu(), minlength=num_codes)
-        psnr_sum += float(psnr(x, rec).sum())
-        x8, rec8 = (to_uint8(t).permute(0, 3, 1, 2).float() for t in (x, rec))
-        ssim_sum += float(ssim(x8, rec8).sum())
-        l1_sum += float((x - rec).abs().flatten(1).mean(1).sum())
-        if perceptual is not None:
-            lpips_sum += float(perceptual(x, rec).sum())
-        if on_batch is not None:
-            on_batch(x, rec, labels)
-        images += x.shape[0]
+    with progress_bar(len(loader), "eval reconstruction", unit="batch", leave=False) as bar:
+        for x, labels in bar.iter(loader):
+            if x.shape[0] == 0:
+                continue
+            x = x.to(device)
+            idx = model.tokenize(x)
+            rec = model.decode_tokens(idx).clamp(-1, 1)
+            counts += torch.bincount(idx.reshape(-1).cpu(), minlength=num_codes)
+            psnr_sum += float(psnr(x, rec).sum())
+            x8, rec8 = (to_uint8(t).permute(0, 3, 1, 2).float() for t in (x, rec))
+            ssim_sum += float(ssim(x8, rec8).sum())
+            l1_sum += float((x - rec).abs().flatten(1).mean(1).sum())
+            if perceptual is not None:
+                lpips_sum += float(perceptual(x, rec).sum())
+            if on_batch is not None:
+                on_batch(x, rec, labels)
+            images += x.shape[0]
     probs = counts.float() / counts.sum().clamp_min(1)
     h = float(entropy(probs))
     result = {

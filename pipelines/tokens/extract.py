@@ -45,11 +45,11 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from pipelines.checkpoint import load_config, weights_hash
 from pipelines.cli import entry_point, require_choice, require_int
 from pipelines.data import load_rgb_or_skip, resize_and_crop, scan_image_folder
+from pipelines.progress import progress_bar
 from pipelines.tokens.shards import (
     MANIFEST_FILE,
     TOKEN_SHARD_FORMAT,
@@ -274,11 +274,10 @@ def _extract(cfg: DictConfig, accelerator: Accelerator, model: ImageTokenizer, t
         print(f"tokenizer {tok_dir} (hash {tok_hash}, {model.cfg.num_codes} codes, {h}x{w} grid) | {n} images of "
               f"{split_dir} at {resolution}px | {len(variants)} variant(s) {variants} | {num_shards} shards of "
               f"{size} | {world} process(es) on {accelerator.device} | out {out}")
-    progress = tqdm(total=sum(len(b) for b in batches), unit="img", desc="extract tokens", dynamic_ncols=True,
-                    disable=not accelerator.is_main_process)
     parts = {k: {"tokens": [], "labels": [], "indices": [], "skipped": []} for k in pending}
     written, processed, t0 = 0, 0, time.perf_counter()
-    try:  # the bar's line is ended on an error too, before the error line
+    with progress_bar(sum(len(b) for b in batches), "extract tokens", unit="img",
+                      enabled=accelerator.is_main_process) as progress:
         for (x, labels, indices, skipped), k in zip(loader, owners, strict=True):
             p = parts[k]
             if x is not None:
@@ -294,11 +293,9 @@ def _extract(cfg: DictConfig, accelerator: Accelerator, model: ImageTokenizer, t
             if remaining[k] == 0:
                 _write_shard(out, k, parts.pop(k), settings)
                 written += 1
-                progress.set_postfix(shards=written)
+                progress.set(shards=written)
                 if cfg.stop_after_shards is not None and written >= cfg.stop_after_shards:
                     break
-    finally:
-        progress.close()
     seconds = time.perf_counter() - t0
     totals = gather_object([(processed, written, len(mine) - len(pending))])
     accelerator.wait_for_everyone()
