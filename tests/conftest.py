@@ -70,7 +70,6 @@ def tokenizer_cfg(demo_root, tmp_path):
     def make(run_dir: Path | None = None, extra: list[str] = ()):
         run_dir = run_dir or tmp_path / "run"
         return compose_config("train_tokenizer", [f"data.root={demo_root}", f"run_dir={run_dir}",
-                                                  f"demo_classifier={tmp_path / 'classifier'}",
                                                   *TINY_TOKENIZER, *extra])
 
     return make

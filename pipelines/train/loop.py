@@ -1,9 +1,9 @@
-"""What every trainer shares: the step/epoch bookkeeping, checkpoint + exact resume, the lr hook, the loop.
+"""What every trainer shares: the step/epoch bookkeeping, checkpoint + exact resume, the lr hook, logged sums.
 
-A trainer (``pipelines/train/tokenizer.py``, ``pipelines/train/ar.py``) builds its models and optimizers,
-defines ``micro_step`` (one batch: forward, backward, optimizer steps) and ``on_step`` (after each optimizer
-step: EMA, logging, checkpoints), and hands them to ``run_loop``. Resume is exact because everything random is a
-function of (seed, epoch, index) or restored from the saved RNG state, and the lr is a function of the step.
+The training loop itself is written out in each trainer (``pipelines/train/tokenizer.py``, ``ar.py``), so one
+file tells what a step does; the batches it iterates come from ``train_batches`` here. Resume is exact because
+everything random is a function of (seed, epoch, index) or restored from the saved RNG state, and the lr is a
+function of the step.
 
 A run directory has one owner (``claim_run_dir``: an OS-released lock held by the main process) and is never
 clobbered: a fresh run refuses a directory that holds a checkpoint unless ``overwrite=true``, ``resume=true``
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from pipelines.checkpoint import (
     FSDP_STEP_FILE,
@@ -239,21 +238,20 @@ class Window:
         return out
 
 
-def run_loop(accelerator: Accelerator, loader: Iterable, sampler: EpochBatchSampler, progress: Progress,
-             grad_accum: int, end_step: int, set_lr: Callable[[int], float],
-             micro_step: Callable[[Any, float], bool], on_step: Callable[[float], None], desc: str) -> None:
-    """Iterate epochs until ``end_step``: ``micro_step(batch, lr)`` per batch (False = batch skipped), and after
-    each optimizer step (once the gradient-accumulation window closes) ``progress.advance()`` then ``on_step(lr)``."""
-    with tqdm(total=end_step, initial=progress.step, disable=not accelerator.is_main_process, desc=desc,
-              dynamic_ncols=True) as bar:  # closed (its line ended) on an error too, before the error line
-        while progress.step < end_step:
-            progress.begin_epoch(sampler, grad_accum)
-            for batch in loader:
-                lr = set_lr(progress.step)
-                if not micro_step(batch, lr) or not accelerator.sync_gradients:
-                    continue
-                epoch_done = progress.advance()
-                bar.update(1)
-                on_step(lr)
-                if progress.step >= end_step or epoch_done:
-                    break
+def due(step: int, every: int, last: int) -> bool:
+    """Whether ``step`` is a multiple of ``every`` or the last step (logging, images, checkpoints)."""
+    return step % every == 0 or step == last
+
+
+def train_batches(loader: Iterable, sampler: EpochBatchSampler, progress: Progress, grad_accum: int,
+                  end_step: int) -> Iterator[Any]:
+    """The batches from where training stands until ``end_step``, epoch after epoch; a resumed epoch skips the
+    batches seen before the interruption. The caller calls ``progress.advance()`` after each optimizer step; the
+    epoch ends once it rolls over (the batches left over from an incomplete accumulation window are dropped)."""
+    while progress.step < end_step:
+        epoch = progress.epoch
+        progress.begin_epoch(sampler, grad_accum)
+        for batch in loader:
+            yield batch
+            if progress.step >= end_step or progress.epoch != epoch:
+                break

@@ -4,10 +4,13 @@
     accelerate launch --multi_gpu --num_processes 8 -m pipelines.train.tokenizer \
         +experiment=imagenet_256 data.root=/data/imagenet
 
-Each step updates the discriminator first (once the GAN is on), then the autoencoder, then the EMA.
-The run directory holds the checkpoint (EMA weights in ``model.safetensors`` + ``config.yaml``), the
-resumable ``train_state/``, ``metrics.jsonl``, TensorBoard events and reconstruction grids.
-The loop, resume and lr hook are ``pipelines/train/loop.py``; this file builds the models and defines the step.
+``_train`` reads top to bottom: models and optimizers, data, resume, then the loop. Each step updates the
+discriminator first (once the GAN is on), then the autoencoder, then the EMA; then logs, saves a
+reconstruction grid and checkpoints when due. At the end the EMA model is evaluated on the val split (PSNR,
+SSIM, codebook utilisation and perplexity: ``eval.json``). The run directory holds the checkpoint (EMA weights
+in ``model.safetensors`` + ``config.yaml``), the resumable ``train_state/``, ``metrics.jsonl``, TensorBoard
+events and reconstruction grids. Checkpointing, exact resume, the lr hook and the run-directory rules are
+shared with the AR trainer: ``pipelines/train/loop.py``.
 """
 
 from __future__ import annotations
@@ -24,12 +27,20 @@ from omegaconf import DictConfig, OmegaConf
 from pipelines.cli import entry_point, require_choice, require_int
 from pipelines.data import EpochBatchSampler, ImageFolderDataset, collate_images, make_loader, save_class_index
 from pipelines.ema import EMA
-from pipelines.eval.demo import ReconRecognition
-from pipelines.eval.demo_classifier import is_demo_dataset
 from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.images import save_rows
+from pipelines.progress import progress_bar
 from pipelines.run_log import RunLogger
-from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, lr_setter, run_loop, start_run
+from pipelines.train.loop import (
+    Checkpointer,
+    Progress,
+    TrainOutcome,
+    Window,
+    due,
+    lr_setter,
+    start_run,
+    train_batches,
+)
 from pipelines.util import atomic_write_text, evenly_spaced
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import LossConfig, TokenizerLoss
@@ -61,13 +72,21 @@ def train(cfg: DictConfig) -> TrainOutcome:
                      check_options)
 
 
+def sync_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None:
+    """The discriminator's BatchNorm running stats drift apart per process between DDP forwards (which
+    re-broadcast rank 0's); align them the same way before saving or returning."""
+    if accelerator.num_processes > 1:
+        for b in module.buffers():
+            b.copy_(broadcast(b, from_process=0))
+
+
 def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
-    t = cfg.train
+    t, d = cfg.train, cfg.data
     set_seed(cfg.seed)
-    run_dir = Path(cfg.run_dir)
+    run_dir, is_main = Path(cfg.run_dir), accelerator.is_main_process
     config = OmegaConf.to_container(cfg, resolve=True)
 
-    # Models, loss, optimizers.
+    # Models, loss, optimizers (the codebook may have its own lr multiplier).
     model_cfg = TokenizerConfig.from_dict(config["tokenizer"]["model"])
     loss_cfg = LossConfig(**config["tokenizer"]["loss"])
     perceptual = build_perceptual(loss_cfg.perceptual, loss_cfg.vgg_weights) if loss_cfg.perceptual_weight > 0 \
@@ -85,8 +104,9 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
     opt_d = torch.optim.Adam(disc.parameters(), lr=t.disc_lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
     # Data: our own sampler shards batches across processes and makes resume exact.
-    d = cfg.data
     train_set = ImageFolderDataset(d.root, d.train_split, d.resolution, d.on_corrupt, seed=cfg.seed)
+    val_set = ImageFolderDataset(d.root, d.val_split, d.resolution, d.on_corrupt, seed=cfg.seed)
+    preview = collate_images([val_set[i] for i in evenly_spaced(len(val_set), 8)])[0]  # spread over the classes
     sampler = EpochBatchSampler(len(train_set), t.batch_size, accelerator.process_index,
                                 accelerator.num_processes, seed=cfg.seed)
     loader = make_loader(train_set, sampler, d.num_workers)
@@ -98,6 +118,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
     model, disc, opt_ae, opt_d = accelerator.prepare(model, disc, opt_ae, opt_d)
     raw_model, raw_disc = accelerator.unwrap_model(model), accelerator.unwrap_model(disc)
 
+    # Resume: weights, EMA, LeCam averages, optimizers, step and RNG from train_state/.
     checkpointer = Checkpointer(accelerator, run_dir, config)
     state = checkpointer.resume(progress) if cfg.resume else None
     if state is not None:
@@ -108,103 +129,91 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
         opt_ae.load_state_dict(state["opt_ae"])
         opt_d.load_state_dict(state["opt_d"])
 
-    logger = RunLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard,
-                       start_step=progress.step)
-    if accelerator.is_main_process:  # config.yaml is written with each checkpoint, beside the weights it describes
+    logger = RunLogger(run_dir, enabled=is_main, tensorboard=cfg.tensorboard, start_step=progress.step)
+    if is_main:  # config.yaml is written with each checkpoint, beside the weights it describes
         save_class_index(train_set.classes, run_dir / "class_index.json")
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"tokenizer {n_params / 1e6:.1f}M params | {len(train_set)} train images | "
               f"{progress.steps_per_epoch} steps/epoch | {progress.max_steps} steps | {accelerator.num_processes} "
               f"process(es) on {accelerator.device} | run dir {run_dir}")
 
-    val_set = ImageFolderDataset(d.root, d.val_split, d.resolution, d.on_corrupt, seed=cfg.seed)
-    preview = collate_images([val_set[i] for i in evenly_spaced(len(val_set), 8)])[0]  # spread over the classes
-
-    def sync_disc_buffers() -> None:
-        """BatchNorm running stats drift apart per process between DDP forwards (which re-broadcast
-        rank 0's); align them the same way before saving or returning."""
-        if accelerator.num_processes > 1:
-            for b in raw_disc.buffers():
-                b.copy_(broadcast(b, from_process=0))
-
-    num_codes = model_cfg.num_codes
-    window, window_counts = Window(), torch.zeros(num_codes, device=accelerator.device)
-
-    def micro_step(batch: tuple[torch.Tensor, torch.Tensor], lr: float) -> bool:
-        x = batch[0]
-        if x.shape[0] == 0:
-            return False
-        x = x.to(accelerator.device, non_blocking=True)
-        with accelerator.accumulate(model, disc):
-            with accelerator.autocast():
-                recon, q = model(x)
-            terms: dict[str, torch.Tensor] = {}
-            logits_fake = None
-            if criterion.gan_active(progress.step):
+    num_codes, last = model_cfg.num_codes, progress.max_steps
+    window, code_counts = Window(), torch.zeros(num_codes, device=accelerator.device)
+    with progress_bar(last, "train tokenizer", unit="step", initial=progress.step, enabled=is_main) as bar:
+        for x, _ in train_batches(loader, sampler, progress, t.grad_accum, last):
+            if x.shape[0] == 0:  # every image of the batch was skipped as corrupt
+                continue
+            lr = set_lr(progress.step)
+            x = x.to(accelerator.device, non_blocking=True)
+            with accelerator.accumulate(model, disc):
                 with accelerator.autocast():
-                    logits_real, logits_fake_d = disc(x, recon.detach())
-                means = accelerator.reduce(torch.stack([logits_real.detach().float().mean(),
-                                                        logits_fake_d.detach().float().mean()]), "mean")
-                d_loss, d_terms = criterion.discriminator_loss(logits_real, logits_fake_d, means[0], means[1])
-                accelerator.backward(d_loss)
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
-                terms.update(d_terms)
-                # Generator side: the plain module (not DDP) with frozen weights, so gradients reach
-                # the reconstruction only and the discriminator's reducer is not involved.
-                raw_disc.requires_grad_(False)
-                with accelerator.autocast():
-                    logits_fake = raw_disc(recon)
-                raw_disc.requires_grad_(True)
-            ae_loss, ae_terms = criterion.autoencoder_loss(
-                x, recon, q, progress.step, logits_fake, last_layer=raw_model.decoder.last_layer)
-            accelerator.backward(ae_loss)
-            if accelerator.sync_gradients and t.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            opt_ae.step()
-            opt_ae.zero_grad(set_to_none=True)
-            terms.update(ae_terms)
-        window_counts.add_(torch.bincount(q.indices.reshape(-1), minlength=num_codes))
-        window.add({**terms, **q.stats})
-        return True
+                    recon, q = model(x)
+                terms: dict[str, torch.Tensor] = {}
+                logits_fake = None
+                if criterion.gan_active(progress.step):
+                    # 1. Discriminator step on real vs detached reconstructions (logit means over processes).
+                    with accelerator.autocast():
+                        logits_real, logits_fake_d = disc(x, recon.detach())
+                    means = accelerator.reduce(torch.stack([logits_real.detach().float().mean(),
+                                                            logits_fake_d.detach().float().mean()]), "mean")
+                    d_loss, d_terms = criterion.discriminator_loss(logits_real, logits_fake_d, means[0], means[1])
+                    accelerator.backward(d_loss)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+                    terms |= d_terms
+                    # Generator side: the plain module (not DDP) with frozen weights, so gradients reach the
+                    # reconstruction only and the discriminator's reducer is not involved.
+                    raw_disc.requires_grad_(False)
+                    with accelerator.autocast():
+                        logits_fake = raw_disc(recon)
+                    raw_disc.requires_grad_(True)
+                # 2. Autoencoder step: reconstruction, perceptual, quantizer and (once on) GAN losses.
+                ae_loss, ae_terms = criterion.autoencoder_loss(
+                    x, recon, q, progress.step, logits_fake, last_layer=raw_model.decoder.last_layer)
+                accelerator.backward(ae_loss)
+                if accelerator.sync_gradients and t.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                opt_ae.step()
+                opt_ae.zero_grad(set_to_none=True)
+            code_counts.add_(torch.bincount(q.indices.reshape(-1), minlength=num_codes))
+            window.add({**terms, **ae_terms, **q.stats})
+            if not accelerator.sync_gradients:  # inside a gradient-accumulation window
+                continue
 
-    def on_step(lr: float) -> None:
-        step = progress.step
-        ema.update(raw_model)
-        if step % cfg.log_every == 0 or step == progress.max_steps:
-            counts = accelerator.reduce(window_counts, "sum")
-            avg = {k: v for k, v in window.means(accelerator).items() if k not in ("seconds", "micro_batches")}
-            avg |= {"utilisation_window": float((counts > 0).float().mean()), "lr": lr, "epoch": progress.epoch}
-            logger.log(step, avg)
-            window_counts.zero_()
-        if accelerator.is_main_process and (step % cfg.image_every == 0 or step == progress.max_steps):
-            with torch.no_grad():
-                rec, _ = ema.model(preview.to(accelerator.device))
-            save_rows([preview, rec], run_dir / "images" / f"recon_{step:07d}.png")
-        if step % cfg.ckpt_every == 0 or step == progress.max_steps:
-            sync_disc_buffers()
-            checkpointer.save(progress, lambda: {
-                "model": raw_model.state_dict(), "disc": raw_disc.state_dict(), "ema": ema.state_dict(),
-                "criterion": criterion.lecam_state(), "opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict()},
-                ema.state_dict())
+            # 3. One optimizer step done: EMA, then logs, a reconstruction grid and a checkpoint when due.
+            progress.advance()
+            bar.update()
+            step = progress.step
+            ema.update(raw_model)
+            if due(step, cfg.log_every, last):
+                counts = accelerator.reduce(code_counts, "sum")
+                avg = {k: v for k, v in window.means(accelerator).items() if k not in ("seconds", "micro_batches")}
+                avg |= {"utilisation_window": float((counts > 0).float().mean()), "lr": lr, "epoch": progress.epoch}
+                logger.log(step, avg)
+                bar.set(loss=avg["total"])
+                code_counts.zero_()
+            if is_main and due(step, cfg.image_every, last):
+                with torch.no_grad():
+                    rec, _ = ema.model(preview.to(accelerator.device))
+                save_rows([preview, rec], run_dir / "images" / f"recon_{step:07d}.png")
+            if due(step, cfg.ckpt_every, last):
+                sync_buffers(accelerator, raw_disc)
+                checkpointer.save(progress, lambda: {
+                    "model": raw_model.state_dict(), "disc": raw_disc.state_dict(), "ema": ema.state_dict(),
+                    "criterion": criterion.lecam_state(), "opt_ae": opt_ae.state_dict(),
+                    "opt_d": opt_d.state_dict()}, ema.state_dict())
+    sync_buffers(accelerator, raw_disc)
 
-    run_loop(accelerator, loader, sampler, progress, t.grad_accum, progress.max_steps, set_lr, micro_step, on_step,
-             desc="train tokenizer")
-    sync_disc_buffers()
-
+    # Evaluation of the EMA model on the val split (any dataset; demo recognition: tools/fid.py mode=demo).
     result: dict[str, Any] = {}
-    if accelerator.is_main_process and cfg.eval_at_end:
-        # On the built-in dataset the demo classifier says whether reconstructions keep their class.
-        judge = ReconRecognition(d.root, cfg.demo_classifier, accelerator.device) if is_demo_dataset(d.root) else None
+    if is_main and cfg.eval_at_end:
         result = evaluate_reconstruction(ema.model, val_set, batch_size=max(t.batch_size, 32),
-                                         device=accelerator.device, max_images=cfg.eval_max_images, on_batch=judge)
-        result |= judge.summary() if judge is not None else {}
+                                         device=accelerator.device, max_images=cfg.eval_max_images)
         result["step"] = progress.step
         atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=1))
-        recognised = f"recognised {result['recon_accuracy']:.1%} | " if judge is not None else ""
         print(f"[eval] {d.val_split} split, EMA weights: PSNR {result['psnr']:.2f} dB | SSIM {result['ssim']:.3f} | "
-              f"{recognised}codebook utilisation {result['utilisation']:.1%} ({result['codes_used']}/{num_codes} "
-              f"codes) | perplexity {result['perplexity']:.1f} | {result['images']} images")
+              f"codebook utilisation {result['utilisation']:.1%} ({result['codes_used']}/{num_codes} codes) | "
+              f"perplexity {result['perplexity']:.1f} | {result['images']} images -> {run_dir}/eval.json")
         print(f"checkpoint: {run_dir}/model.safetensors + config.yaml")
     logger.close()
     accelerator.wait_for_everyone()
