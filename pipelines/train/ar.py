@@ -12,8 +12,10 @@ or many under `accelerate launch`.
 The vocabulary size, token grid and classes come from the shard manifest; the saved ``config.yaml``
 records them with the tokenizer's weights hash and path, so sampling can refuse a different tokenizer.
 The run directory holds ``model.safetensors`` (EMA weights when EMA is on) + ``config.yaml``, the
-resumable ``train_state/``, ``metrics.jsonl`` and TensorBoard events. The loop, resume and lr hook are
-``pipelines/train/loop.py``; this file builds the model and optimizer and defines the step.
+resumable ``train_state/``, ``metrics.jsonl`` and TensorBoard events. ``_train`` reads top to bottom: model,
+data, resume, then the loop; a step is forward, ``next_token_loss``, backward, clip, optimizer step, EMA, then
+logs, validation and checkpoint when due. Checkpointing, exact resume, the lr hook and the run-directory rules
+are shared with the tokenizer trainer: ``pipelines/train/loop.py``.
 """
 
 from __future__ import annotations
@@ -32,9 +34,19 @@ from pipelines.cli import entry_point
 from pipelines.data import EpochBatchSampler, collate_tokens, make_loader, save_class_index
 from pipelines.ema import EMA
 from pipelines.errors import ConfigError
+from pipelines.progress import progress_bar
 from pipelines.run_log import RunLogger
 from pipelines.tokens.shards import ShardManifest, TokenShardDataset
-from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, lr_setter, run_loop, start_run
+from pipelines.train.loop import (
+    Checkpointer,
+    Progress,
+    TrainOutcome,
+    Window,
+    due,
+    lr_setter,
+    start_run,
+    train_batches,
+)
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, final_ratio: float = 0.0) -> float:
@@ -178,51 +190,52 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
               f"{max_steps} steps | {accelerator.num_processes} process(es) on {accelerator.device}, "
               f"{accelerator.mixed_precision} precision | tokenizer {manifest.tokenizer_hash} | run dir {run_dir}")
 
-    window = Window()
-    metrics: dict[str, Any] = {}
-
-    def micro_step(batch: tuple[torch.Tensor, torch.Tensor], lr: float) -> bool:
-        tokens, labels = (b.to(accelerator.device, non_blocking=True) for b in batch)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                logits = model(tokens, labels)  # through the DDP / FSDP wrapper, so gradients are synchronised
-            loss = next_token_loss(logits, tokens)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and t.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        window.add({"loss": loss})
-        return True
-
-    def on_step(lr: float) -> None:
-        nonlocal metrics
-        step = progress.step
-        if ema is not None:
-            ema.update(raw_model)
-        if step % cfg.log_every == 0 or step == end_step:
-            w = window.means(accelerator)
-            steps_in_window = w["micro_batches"] // t.grad_accum
-            metrics = {"loss": w["loss"], "lr": lr, "epoch": progress.epoch,
-                       "tokens_per_s": tokens_per_step * steps_in_window / max(w["seconds"], 1e-9)}
-            logger.log(step, metrics)
-        if step % cfg.ckpt_every == 0 or step == end_step:
-            if val_set is not None and accelerator.is_main_process:
-                eval_model = ema.model if ema is not None else raw_model
-                metrics["val_loss"] = evaluate_loss(eval_model, val_set, t.batch_size, accelerator.device,
-                                                    cfg.val_max_items)
-                logger.log(step, {"val_loss": metrics["val_loss"]})
-            if ema is not None:
-                weights = ema.state_dict()
-            else:  # FSDP gathers the full weights on every process; otherwise the plain module has them
-                weights = accelerator.get_state_dict(model) if fsdp else raw_model.state_dict()
-            checkpointer.save(progress, lambda: {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None}, weights)
-
+    window, metrics = Window(), {}
     model.train()
-    run_loop(accelerator, loader, sampler, progress, t.grad_accum, end_step, set_lr, micro_step, on_step,
-             desc="train ar")
+    with progress_bar(end_step, "train ar", unit="step", initial=progress.step,
+                      enabled=accelerator.is_main_process) as bar:
+        for batch in train_batches(loader, sampler, progress, t.grad_accum, end_step):
+            lr = set_lr(progress.step)
+            tokens, labels = (b.to(accelerator.device, non_blocking=True) for b in batch)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    logits = model(tokens, labels)  # through the DDP / FSDP wrapper, so gradients are synchronised
+                loss = next_token_loss(logits, tokens)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.add({"loss": loss})
+            if not accelerator.sync_gradients:  # inside a gradient-accumulation window
+                continue
+
+            # One optimizer step done: EMA, then logs, validation and a checkpoint when due.
+            progress.advance()
+            bar.update()
+            step = progress.step
+            if ema is not None:
+                ema.update(raw_model)
+            if due(step, cfg.log_every, end_step):
+                w = window.means(accelerator)
+                steps_in_window = w["micro_batches"] // t.grad_accum
+                metrics = {"loss": w["loss"], "lr": lr, "epoch": progress.epoch,
+                           "tokens_per_s": tokens_per_step * steps_in_window / max(w["seconds"], 1e-9)}
+                logger.log(step, metrics)
+                bar.set(loss=metrics["loss"])
+            if due(step, cfg.ckpt_every, end_step):
+                if val_set is not None and accelerator.is_main_process:
+                    eval_model = ema.model if ema is not None else raw_model
+                    metrics["val_loss"] = evaluate_loss(eval_model, val_set, t.batch_size, accelerator.device,
+                                                        cfg.val_max_items)
+                    logger.log(step, {"val_loss": metrics["val_loss"]})
+                if ema is not None:
+                    weights = ema.state_dict()
+                else:  # FSDP gathers the full weights on every process; otherwise the plain module has them
+                    weights = accelerator.get_state_dict(model) if fsdp else raw_model.state_dict()
+                checkpointer.save(progress, lambda: {
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None}, weights)
     if accelerator.is_main_process:
         print(f"checkpoint: {run_dir}/model.safetensors + config.yaml (tokenizer {manifest.tokenizer_hash}); "
               f"sample with: python tools/sample.py ckpt={run_dir} class=0")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast, gather_object
 
 from pipelines.checkpoint import (
     FSDP_STEP_FILE,
@@ -236,6 +236,15 @@ class Window:
             out |= dict(zip(names, accelerator.reduce(stacked, "mean").tolist(), strict=True))
         self.reset()
         return out
+
+
+def broadcast_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None:
+    """Give every process the main process's buffers. BatchNorm running stats (the tokenizer's discriminator)
+    drift apart per process between DDP forwards, which re-broadcast rank 0's; align them the same way before
+    saving or returning."""
+    if accelerator.num_processes > 1:
+        for b in module.buffers():
+            b.copy_(broadcast(b, from_process=0))
 
 
 def due(step: int, every: int, last: int) -> bool:

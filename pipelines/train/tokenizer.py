@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.cli import entry_point, require_choice, require_int
@@ -36,6 +36,7 @@ from pipelines.train.loop import (
     Progress,
     TrainOutcome,
     Window,
+    broadcast_buffers,
     due,
     lr_setter,
     start_run,
@@ -70,14 +71,6 @@ def train(cfg: DictConfig) -> TrainOutcome:
     return start_run(cfg, lambda: Accelerator(mixed_precision=t.mixed_precision,
                                               gradient_accumulation_steps=t.grad_accum, cpu=t.cpu), _train,
                      check_options)
-
-
-def sync_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None:
-    """The discriminator's BatchNorm running stats drift apart per process between DDP forwards (which
-    re-broadcast rank 0's); align them the same way before saving or returning."""
-    if accelerator.num_processes > 1:
-        for b in module.buffers():
-            b.copy_(broadcast(b, from_process=0))
 
 
 def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
@@ -197,12 +190,12 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
                     rec, _ = ema.model(preview.to(accelerator.device))
                 save_rows([preview, rec], run_dir / "images" / f"recon_{step:07d}.png")
             if due(step, cfg.ckpt_every, last):
-                sync_buffers(accelerator, raw_disc)
+                broadcast_buffers(accelerator, raw_disc)
                 checkpointer.save(progress, lambda: {
                     "model": raw_model.state_dict(), "disc": raw_disc.state_dict(), "ema": ema.state_dict(),
                     "criterion": criterion.lecam_state(), "opt_ae": opt_ae.state_dict(),
                     "opt_d": opt_d.state_dict()}, ema.state_dict())
-    sync_buffers(accelerator, raw_disc)
+    broadcast_buffers(accelerator, raw_disc)
 
     # Evaluation of the EMA model on the val split (any dataset; demo recognition: tools/fid.py mode=demo).
     result: dict[str, Any] = {}
