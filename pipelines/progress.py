@@ -2,7 +2,7 @@
 
 A bar repainted on every step fills a log file or a CI log with carriage returns (a 2,000-step demo log was
 mostly repaints). So when stdout is not a terminal, progress is one line every ~30 s or 10% of the total,
-whichever comes first: done/total, rate, ETA and the last ``loss`` set on it.
+whichever comes first (at most one per 2 s): done/total, rate, ETA and the last ``loss`` set on it.
 
     with progress_bar(len(files), "check samples", unit="img") as bar:
         for f in bar.iter(files):
@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 T = TypeVar("T")
 LINE_SECONDS = 30.0  # quiet mode: at most this long between two lines
-LINE_FRACTION = 0.1  # ... and a line each time this fraction of the total is done
+LINE_FRACTION = 0.1  # ... and a line each time this fraction of the total is done,
+LINE_MIN_SECONDS = 2.0  # ... but not more often than this (a pass of a few seconds prints its summary only)
 
 
 def interactive() -> bool:
@@ -59,7 +60,8 @@ class LineProgress:
         self.n += n
         now = time.monotonic()
         step = self.total * LINE_FRACTION if self.total else float("inf")
-        if self.n - self.shown_n >= step or now - self.shown_t >= LINE_SECONDS:
+        since = now - self.shown_t
+        if since >= LINE_SECONDS or (self.n - self.shown_n >= step and since >= LINE_MIN_SECONDS):
             self._show(now)
 
     def _show(self, now: float) -> None:
@@ -68,7 +70,7 @@ class LineProgress:
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
         parts = [f"{self.desc}: {self.n}/{self.total if self.total else '?'} {self.unit}"]
         if self.total:
-            parts[0] += f" ({self.n / self.total:.0%})"
+            parts[0] += f" ({100 * self.n // self.total}%)"  # 299/300 is not 100% yet
         parts.append(f"{rate:.3g} {self.unit}/s" if rate >= 1 or rate == 0 else f"{1 / rate:.3g} s/{self.unit}")
         if self.total and rate > 0 and self.n < self.total:
             parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
