@@ -37,16 +37,7 @@ from pipelines.errors import ConfigError
 from pipelines.progress import progress_bar
 from pipelines.run_log import RunLogger
 from pipelines.tokens.shards import ShardManifest, TokenShardDataset
-from pipelines.train.loop import (
-    Checkpointer,
-    Progress,
-    TrainOutcome,
-    Window,
-    due,
-    lr_setter,
-    start_run,
-    train_batches,
-)
+from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, due, lr_setter, start_run, train_batches
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, final_ratio: float = 0.0) -> float:
