@@ -199,11 +199,6 @@ def load_or_train(root: str | Path, cache_dir: str | Path = "runs/demo_classifie
     return model, {**summary, "cached": False}
 
 
-def is_demo_dataset(root: str | Path) -> bool:
-    """Whether ``root`` was written by the demo data generator (only then is the classifier a judge)."""
-    return (Path(root) / META_FILE).is_file()
-
-
 def load_demo_classifier(root: str | Path, cache_dir: str | Path, device: str | torch.device = "cpu",
                          epochs: int = ClassifierConfig.epochs) -> tuple[DemoClassifier, dict[str, Any]]:
     """The cached classifier at the dataset's own image size (from its ``demo_meta.json``)."""
