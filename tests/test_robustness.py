@@ -489,6 +489,16 @@ def test_evaluation_checks_inputs_before_features(tmp_path, no_features):
         f"error: {npz} is not a readable .npz (truncated or damaged: ")
 
 
+def test_unknown_metric_names_are_refused_before_any_work(tmp_path, no_features):
+    ref = _images(tmp_path / "ref", 4, 16)
+    assert _fid(tmp_path, f"samples={ref}", f"ref={ref}", "metrics=[fid,isc]") == \
+        "error: metrics: unknown name(s) 'isc'; valid names: fid, is, prc"
+    assert _fid(tmp_path, "mode=recon", "metrics=[FID]") == \
+        "error: metrics: unknown name(s) 'FID'; valid names: fid, is, prc"
+    assert _fid(tmp_path, f"samples={ref}", f"ref={ref}", "metrics=fid").startswith("error: metrics must be a list of")
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_samples_npz_with_its_own_statistics_is_used_for_fid(tmp_path, monkeypatch):
     """As the ADM evaluator does: FID from the samples' stored mu/sigma, the images for the other metrics."""
     import numpy as np
