@@ -22,6 +22,7 @@ from pipelines.checkpoint import (
     load_config,
     load_train_state,
     save_model,
+    save_train_state,
 )
 from pipelines.cli import DEBUG_ENV, user_errors_exit
 from pipelines.errors import CorruptFileError, DirectoryLockedError, UserError, WriteError
@@ -240,6 +241,73 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(trained, token_sha
         {k: v for k, v in before.items() if k != "metrics.jsonl"}
     assert load_train_state(trained)["step"] == 4 and not list(trained.rglob("*.tmp"))
     load_generator(trained)
+
+
+ZIP_WRITER_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+@pytest.mark.parametrize("torch_keeps_the_cause", [True, False])
+def test_zip_writer_failure_on_a_full_disk_is_one_line(tmp_path, monkeypatch, torch_keeps_the_cause):
+    """torch.save reports a failed write as a RuntimeError from its zip writer; it is the usual disk-full line."""
+    import pipelines.checkpoint as checkpoint
+
+    save_train_state(tmp_path, {"step": 1, "w": torch.arange(10)})
+    state = tmp_path / TRAIN_STATE_DIR / "state.pt"
+    before = state.read_bytes()
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if not torch_keeps_the_cause:
+            raise RuntimeError(ZIP_WRITER_FAILURE)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError(ZIP_WRITER_FAILURE) from None  # torch's own context, as a full disk leaves it
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    if not torch_keeps_the_cause:
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    line = one_line_error(save_train_state, tmp_path, {"step": 2, "w": torch.arange(20)})
+    assert line == f"error: no space left on device while writing {state}; the previous {state} is intact"
+    assert state.read_bytes() == before and load_train_state(tmp_path)["step"] == 1
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_zip_writer_failure_with_space_left_is_not_called_disk_full(tmp_path, monkeypatch):
+    import pipelines.checkpoint as checkpoint
+
+    def broken(obj, f, *args, **kwargs):
+        raise RuntimeError(ZIP_WRITER_FAILURE)
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**11))
+    with pytest.raises(RuntimeError, match="unexpected pos") as info:
+        save_train_state(tmp_path, {"step": 1})
+    assert not isinstance(info.value, UserError)
+
+
+def test_state_write_on_a_real_full_file_system(tmp_path):
+    """A 2 MB tmpfs: the second state does not fit. Skipped where mounting is not permitted (not root, containers)."""
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                                 capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        mounted = False
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        save_train_state(mnt, {"step": 1, "w": torch.zeros(300_000)})  # 1.2 MB of 2 MB
+        state = mnt / TRAIN_STATE_DIR / "state.pt"
+        line = one_line_error(save_train_state, mnt, {"step": 2, "w": torch.ones(300_000)})
+        assert line == f"error: no space left on device while writing {state}; the previous {state} is intact"
+        assert load_train_state(mnt)["step"] == 1 and not list(mnt.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
 
 
 @pytest.mark.parametrize("code,why", [(errno.EACCES, "permission denied"), (errno.EROFS, "read-only file system")])
