@@ -514,7 +514,7 @@ def no_features(monkeypatch, tmp_path):
     def forbidden(*args, **kwargs):
         raise AssertionError("features were computed before the inputs were checked")
 
-    monkeypatch.setattr(modes.Features, "of", forbidden)
+    monkeypatch.setattr(modes.LazyInception, "of", forbidden)
 
 
 def _images(folder: Path, n: int, size: int) -> Path:
@@ -574,6 +574,7 @@ def test_samples_npz_with_its_own_statistics_is_used_for_fid(tmp_path, monkeypat
     import pipelines.eval.modes as modes
     from pipelines.eval.fid import evaluate
     from pipelines.eval.metrics import frechet_distance, read_npz
+    from pipelines.eval.results import ImageFeatures
     from tests.conftest import tool_config
 
     rng = np.random.default_rng(0)
@@ -585,7 +586,8 @@ def test_samples_npz_with_its_own_statistics_is_used_for_fid(tmp_path, monkeypat
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     monkeypatch.setattr(modes, "find_inception_weights", lambda path=None: weights)
-    monkeypatch.setattr(modes.Features, "of", lambda self, images, desc: {"pool": torch.randn(len(images), 4)})
+    monkeypatch.setattr(modes.LazyInception, "of",
+                        lambda self, images, desc: ImageFeatures(inception_pool=torch.randn(len(images), 4)))
     record = evaluate(tool_config("fid", [f"samples={npz}", f"ref={ref}", "metrics=[fid]", "stats_cache=null",
                                           f"results={tmp_path / 'r.jsonl'}", "device=cpu"]))
     expected = frechet_distance(read_npz(npz).stats, read_npz(ref))
