@@ -121,22 +121,26 @@ def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
             try:
                 torch.save(state, w)
             except RuntimeError as err:
-                raise _zip_writer_error(err, folder) from err
+                cause = _write_failure(err, folder)
+                if cause is None:
+                    raise
+                raise cause from err
         atomic_write_text(record, json.dumps({"file": STATE_FILE, "sha256": w.sha256.hexdigest(),
                                               "previous_sha256": previous, "step": state.get("step")}))
 
     atomic_write(folder / STATE_FILE, write)
 
 
-def _zip_writer_error(err: RuntimeError, folder: Path) -> Exception:
+def _write_failure(err: RuntimeError, folder: Path) -> OSError | None:
     """torch's zip writer reports a failed write as ``RuntimeError: [enforce fail at inline_container.cc:...]
-    unexpected pos ...``. The OSError behind it (disk full, usually) is returned, so that ``atomic_write`` makes
-    it the usual one-line ``WriteError``; when torch dropped it, a nearly full disk stands for it."""
+    unexpected pos ...``. Returns the OSError behind it (disk full, usually), which ``atomic_write`` turns into
+    the usual one-line ``WriteError``; when torch dropped it, a nearly full disk stands for it. None: not a
+    failed write."""
     if isinstance(err.__context__, OSError):
         return err.__context__
     if "inline_container" in str(err) and shutil.disk_usage(folder).free < _NEARLY_FULL:
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return err
+    return None
 
 
 def _recorded_hashes(record: Path) -> list[str]:
