@@ -9,8 +9,11 @@ Everything read is verified: ``train_state/state.pt`` against the sha256 in ``tr
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from pipelines.util import HashingWriter, atomic_write, atomic_write_text, file_
 MODEL_FILE, CONFIG_FILE, TRAIN_STATE_DIR = "model.safetensors", "config.yaml", "train_state"
 STATE_FILE, STATE_CHECKSUM = "state.pt", "state.sha256"
 FSDP_STEP_FILE = "fsdp_step.json"  # train_state/ of an FSDP run: accelerate's sharded state in fsdp/ plus this
+_NEARLY_FULL = 1 << 20  # bytes free below which a failed state.pt write is taken for a full disk
 
 __all__ = ["MODEL_FILE", "CONFIG_FILE", "TRAIN_STATE_DIR", "MissingCheckpointError", "save_config", "save_model",
            "load_config", "load_model", "weights_hash", "capture_rng", "restore_rng", "save_train_state",
@@ -114,11 +118,29 @@ def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             w = HashingWriter(f)
-            torch.save(state, w)
+            try:
+                torch.save(state, w)
+            except RuntimeError as err:
+                cause = _write_failure(err, folder)
+                if cause is None:
+                    raise
+                raise cause from err
         atomic_write_text(record, json.dumps({"file": STATE_FILE, "sha256": w.sha256.hexdigest(),
                                               "previous_sha256": previous, "step": state.get("step")}))
 
     atomic_write(folder / STATE_FILE, write)
+
+
+def _write_failure(err: RuntimeError, folder: Path) -> OSError | None:
+    """torch's zip writer reports a failed write as ``RuntimeError: [enforce fail at inline_container.cc:...]
+    unexpected pos ...``. Returns the OSError behind it (disk full, usually), which ``atomic_write`` turns into
+    the usual one-line ``WriteError``; when torch dropped it, a nearly full disk stands for it. None: not a
+    failed write."""
+    if isinstance(err.__context__, OSError):
+        return err.__context__
+    if "inline_container" in str(err) and shutil.disk_usage(folder).free < _NEARLY_FULL:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
 
 
 def _recorded_hashes(record: Path) -> list[str]:

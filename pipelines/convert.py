@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from generator.llama import GPTConfig, LlamaGPT
 from pipelines.checkpoint import MODEL_FILE, save_model, weights_hash
 from pipelines.cli import CONF_DIR, entry_point
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError
 from pipelines.util import DirectoryLock, remove_stale_tmp
 from tokenizer.model import ImageTokenizer, TokenizerConfig, load_tokenizer
 
@@ -262,10 +262,24 @@ def select_ibq_ema(sd: dict[str, Tensor], ema: bool) -> tuple[dict[str, Tensor],
     return out, "EMA (model_ema.*)"
 
 
+MODEL_ARGUMENT_KEYS = ("params", "init_args")  # model.params: taming's main.py; model.init_args: LightningCLI
+
+
+def _model_arguments(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The model's constructor arguments in an official training YAML: ``model.params`` (taming's ``main.py``
+    layout) or ``model.init_args`` (LightningCLI, the layout of SEED-Voken's own configs); None when neither."""
+    model = config.get("model")
+    if isinstance(model, dict):
+        for key in MODEL_ARGUMENT_KEYS:
+            if isinstance(model.get(key), dict):
+                return model[key]
+    return None
+
+
 def _ibq_ddconfig(config: dict[str, Any] | None) -> dict[str, Any]:
     if not config:
         return {}
-    node = config.get("model", {}).get("params", config)
+    node = _model_arguments(config) or {}
     node = node.get("first_stage_config", {}).get("params", node) if "ddconfig" not in node else node
     dd = dict(node.get("ddconfig") or {})
     for key in ("n_embed", "embed_dim"):
@@ -407,7 +421,7 @@ def _gpt_config(sd: dict[str, Tensor], prefix: str, tok: str, cls: str, layers_p
 def _ibq_transformer_params(config: dict[str, Any] | None) -> dict[str, Any]:
     if not config:
         return {}
-    node = config.get("model", {}).get("params", config)
+    node = _model_arguments(config) or {}
     return dict(node.get("transformer_config", {}).get("params", {}))
 
 
@@ -535,11 +549,21 @@ def write_generator(out: str | Path, state: dict[str, Tensor], cfg: GPTConfig, n
 
 
 def _load_yaml(path: str | None) -> dict[str, Any] | None:
+    """The official training YAML, refused in one line unless the model's arguments are found in it (a YAML read
+    in the wrong place would silently convert with default sizes and dropouts)."""
     if not path:
         return None
     if not Path(path).is_file():
         raise ConversionError(f"config= file not found: {path}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as err:  # yaml scanner / parser errors, OmegaConf errors: all mean "not a YAML mapping"
+        raise ConfigError(f"config={path} is not readable YAML ({type(err).__name__}); pass the official training "
+                          "YAML of the checkpoint") from err
+    if not isinstance(config, dict) or _model_arguments(config) is None:
+        raise ConfigError(f"config={path} has neither model.params nor model.init_args (the model's arguments in "
+                          "SEED-Voken's training YAMLs); pass the official training YAML of the checkpoint")
+    return config
 
 
 def convert(source: str, src: str | Path, out: str | Path, config: str | None = None, ema: bool = True,

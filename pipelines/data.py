@@ -9,7 +9,6 @@ run would have seen, whatever the number of DataLoader workers.
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,8 +20,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines.errors import ConfigError, UserError
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -170,17 +167,15 @@ class EpochBatchSampler(Sampler[list]):
     ``batch_size * world_size``, of which process ``rank`` takes its slice. The last incomplete
     global batch is dropped so every process runs the same number of steps.
 
-    ``set_epoch(epoch, skip_batches)`` picks the epoch and how many batches to skip (resume).
-    With ``shuffle=False`` the order is fixed and items are plain ints (no augmentation).
+    ``set_epoch(epoch, skip_batches)`` picks the epoch and how many batches to skip (resume). Items are
+    ``(index, epoch)`` pairs, so the dataset draws that epoch's augmentation.
     """
 
-    def __init__(self, num_items: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = True) -> None:
+    def __init__(self, num_items: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
         self.num_items, self.batch_size = num_items, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.skip_batches = 0, 0
-        if self.drop_last and len(self) == 0:
+        if len(self) == 0:
             raise ConfigError(f"{num_items} images cannot fill one global batch of {self._global} "
                              f"({batch_size} per process x {world_size} processes)")
 
@@ -192,20 +187,14 @@ class EpochBatchSampler(Sampler[list]):
         self.epoch, self.skip_batches = epoch, skip_batches
 
     def __len__(self) -> int:
-        full, rest = divmod(self.num_items, self._global)
-        return full if self.drop_last or rest == 0 else full + 1
+        return self.num_items // self._global
 
     def __iter__(self) -> Iterator[list]:
-        if self.shuffle:
-            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(self.num_items)
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         for b in range(self.skip_batches, len(self)):
             chunk = order[b * self._global:(b + 1) * self._global]
             mine = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
-            if not mine:
-                continue
-            yield [(i, self.epoch) for i in mine] if self.shuffle else mine
+            yield [(i, self.epoch) for i in mine]
 
 
 def collate_tokens(batch: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:

@@ -27,6 +27,7 @@ from pipelines.convert import (
     load_checkpoint_file,
     permute_chunks,
 )
+from pipelines.errors import ConfigError
 from pipelines.generate import load_pipeline
 from tests.conftest import ROOT
 from tests.test_llama import generator_spec
@@ -269,17 +270,23 @@ def hand_greedy(sd, labels, layout, n_head, side, cfg_scale, null):
 
 # ----------------------------------------------------------------------------- fixtures: official files
 
-def _official_yaml(path, resolution, ch=32, mult=(1, 2), blocks=1, z=32, embed=8, codes=16, ar=None):
+def _official_yaml(path, resolution, ch=32, mult=(1, 2), blocks=1, z=32, embed=8, codes=16, ar=None,
+                   lightning=False):
+    """An official training YAML in taming's layout (model.target / model.params) or, with ``lightning``, in
+    LightningCLI's (model.class_path / model.init_args, the layout of SEED-Voken's configs/IBQ/*.yaml)."""
     dd = {"double_z": False, "z_channels": z, "resolution": resolution, "in_channels": 3, "out_ch": 3, "ch": ch,
           "ch_mult": list(mult), "num_res_blocks": blocks, "attn_resolutions": [resolution // 2 ** (len(mult) - 1)],
           "dropout": 0.0}
-    tok = {"target": "src.IBQ.models.ibqgan.IBQ", "params": {"ddconfig": dd, "n_embed": codes, "embed_dim": embed}}
+    tok_args = {"ddconfig": dd, "n_embed": codes, "embed_dim": embed}
+    tok = {"target": "src.IBQ.models.ibqgan.IBQ", "params": tok_args}
     if ar is None:
-        doc = {"model": tok}
+        model = {"class_path": tok["target"], "init_args": tok_args} if lightning else tok
     else:
-        doc = {"model": {"target": "src.IBQ.models.cond_transformer_llama.Net2NetTransformer", "params": {
-            "transformer_config": {"target": "src.IBQ.modules.transformer.llama.GPT", "params": ar},
-            "first_stage_config": tok}}}
+        args = {"transformer_config": {"target": "src.IBQ.modules.transformer.llama.GPT", "params": ar},
+                "first_stage_config": tok}
+        name = "src.IBQ.models.cond_transformer_llama.Net2NetTransformer"
+        model = {"class_path": name, "init_args": args} if lightning else {"target": name, "params": args}
+    doc = {"seed_everything": True, "trainer": {"devices": 8}, "model": model} if lightning else {"model": model}
     OmegaConf.save(OmegaConf.create(doc), path)
     return path
 
@@ -410,6 +417,53 @@ def test_ibq_ar_logits_and_greedy_samples_equal_official_math(tmp_path, lightnin
     print(f"ibq-ar: logits max |diff| {(ours - ref).abs().max():.2e} (|logits| up to {ref.abs().max():.1f})")
     greedy = generate(model, labels, cfg_scale=2.0, temperature=0.0)
     assert torch.equal(greedy, hand_greedy(ar, labels, "ibq", 4, 4, 2.0, null=10))
+
+
+def test_ibq_ar_of_no_published_size_converts_with_its_lightning_cli_yaml(tmp_path, lightning_module):
+    """SEED-Voken's YAMLs keep the model's arguments under model.init_args: n_head, block_size and the dropouts of
+    a size outside the table come from there (without the YAML the heads are unknown)."""
+    src, _, ar, _ = _ibq_ar_file(tmp_path, lightning_module)
+    with pytest.raises(ConversionError, match="pass n_head="):
+        convert("ibq-ar", src, tmp_path / "no_yaml")
+    params = {"vocab_size": 16, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "cond_dim": 32,
+              "class_num": 10, "resid_dropout_p": 0.05, "ffn_dropout_p": 0.15, "token_drop": 0.2}
+    yaml = _official_yaml(tmp_path / "lightning.yaml", resolution=8, ar=params, lightning=True)
+    out = tmp_path / "ibq_ar"
+    convert("ibq-ar", src, out, config=str(yaml))
+    model, tokenizer, config = load_pipeline(out)
+    gen = config["generator"]["model"]
+    assert (model.cfg.n_head, model.cfg.grid, tokenizer.cfg.grid) == (2, (4, 4), 4)
+    assert (gen["resid_dropout"], gen["ffn_dropout"], gen["token_dropout"]) == (0.05, 0.15, 0.2)
+    tokens, labels = torch.randint(0, 16, (2, 16), generator=G), torch.tensor([1, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, labels), hand_gpt_logits(ar, tokens, labels, "ibq", 2, 4),
+                                   rtol=1e-5, atol=1e-5)
+    torch.save({"state_dict": official_tokenizer_sd("ibq")}, tmp_path / "tok.ckpt")
+    tok_yaml = _official_yaml(tmp_path / "tok.yaml", resolution=16, codes=99, lightning=True)
+    with pytest.raises(ConversionError, match="config= says n_embed=99"):  # init_args read for the tokenizer too
+        convert("ibq-tok", tmp_path / "tok.ckpt", tmp_path / "tok", config=str(tok_yaml))
+    tok_yaml = _official_yaml(tmp_path / "tok.yaml", resolution=24, lightning=True)
+    convert("ibq-tok", tmp_path / "tok.ckpt", tmp_path / "tok", config=str(tok_yaml))
+    assert load_tokenizer(tmp_path / "tok").cfg.resolution == 24
+
+
+def test_config_yaml_without_model_arguments_is_refused(tmp_path, lightning_module):
+    src, _, _, _ = _ibq_ar_file(tmp_path, lightning_module)
+    for name, doc in (("flat.yaml", {"transformer_config": {"params": {"n_head": 2}}}),
+                      ("other.yaml", {"model": {"class_path": "x.Y", "args": {"n_head": 2}}}),
+                      ("list.yaml", [1, 2])):
+        path = tmp_path / name
+        OmegaConf.save(OmegaConf.create(doc), path)
+        with pytest.raises(ConfigError) as info:
+            convert("ibq-ar", src, tmp_path / "out", config=str(path))
+        assert str(info.value) == (f"config={path} has neither model.params nor model.init_args (the model's "
+                                   "arguments in SEED-Voken's training YAMLs); pass the official training YAML of "
+                                   "the checkpoint")
+        assert not (tmp_path / "out").exists()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"is not readable YAML"):
+        convert("ibq-ar", src, tmp_path / "out", config=str(broken))
 
 
 def test_llamagen_vq_and_gpt_equal_official_math(tmp_path):

@@ -13,6 +13,8 @@ from pipelines.checkpoint import save_model, weights_hash
 from pipelines.demo_data import make_demo_dataset
 from pipelines.eval.demo_classifier import ClassifierConfig, load_or_train, load_split_uint8, per_class_accuracy
 from pipelines.eval.fid import evaluate
+from pipelines.eval.inception import prepare_inception_weights
+from pipelines.eval.metrics import save_images_npz
 from tests.conftest import TINY_TOKENIZER, compose_config
 from tests.test_inception import fid_config
 
@@ -39,13 +41,13 @@ def test_demo_classifier_reaches_95_percent_and_is_cached(demo_data, classifier_
     assert info["cached"] is True and info["val_images"] == 100
     # Measured again here on the val split, independently of the number stored in the cache.
     x, y, classes = load_split_uint8(demo_data, "val", 32)
-    preds = model.classify(x)["logits"].argmax(1)
+    preds = model.classify(x).logits.argmax(1)
     accuracy = float((preds == y).float().mean())
     assert accuracy >= 0.95 and accuracy == pytest.approx(info["val_accuracy"])
     assert min(per_class_accuracy(preds, y, len(classes))) >= 0.7
     # Images of another size are resized to the classifier's resolution.
     big = torch.nn.functional.interpolate(x[:20].float(), size=64, mode="nearest").to(torch.uint8)
-    assert float((model.classify(big)["logits"].argmax(1) == y[:20]).float().mean()) >= 0.9
+    assert float((model.classify(big).logits.argmax(1) == y[:20]).float().mean()) >= 0.9
     # A different training setting is a different cache entry: retrained, not reused.
     copy = shutil.copytree(classifier_dir, tmp_path / "copy")
     _, other = load_or_train(demo_data, copy, ClassifierConfig(resolution=32, epochs=1))
@@ -102,3 +104,22 @@ def test_demo_mode_reports_recognition_accuracy_and_fd_demo(demo_data, classifie
     assert json.loads((ar / "demo_eval.json").read_text())["metrics"]["fd_demo"] == m["fd_demo"]
     line = json.loads(results.read_text().splitlines()[-1])
     assert line["mode"] == "demo" and line["config"]["per_class"] == 3
+
+
+@pytest.mark.slow
+def test_demo_mode_on_an_npz_of_samples_adds_the_inception_metrics(demo_data, classifier_dir, tmp_path):
+    """Samples read from an ADM npz (here the val images themselves): the classifier recognises them as it does
+    the val split, and with fid/prc the Inception metrics come as sample_fid, sample_precision, sample_recall
+    (the Inception and classifier features from one pass over the images)."""
+    images, labels, _ = load_split_uint8(demo_data, "val", 32)
+    samples = save_images_npz(tmp_path / "samples" / "s.npz", images.permute(0, 2, 3, 1), labels)
+    weights, _ = prepare_inception_weights(tmp_path / "inception.pth", verify_images=1)
+    record = evaluate(fid_config(["mode=demo", f"demo_data={demo_data}", f"classifier={classifier_dir}",
+                                  "classifier_epochs=8", f"samples={samples}", "metrics=[fid,prc]",
+                                  f"weights={weights}", "device=cpu", "stats_cache=null", "max_images=20",
+                                  f"results={tmp_path / 'r.jsonl'}", "batch_size=25"]))
+    m = record["metrics"]
+    assert m["num_samples"] == 100 and m["sample_accuracy"] == pytest.approx(m["classifier_val_accuracy"])
+    assert m["sample_fid"] > 0 and 0 < m["sample_precision"] <= 1 and 0 < m["sample_recall"] <= 1
+    assert m["fd_demo"] > 0 and "fid" not in m and "val_accuracy_recon" not in m and record["unavailable"] == {}
+    assert json.loads((tmp_path / "samples" / "demo_eval.json").read_text())["metrics"] == m

@@ -24,7 +24,7 @@ from pipelines.eval.metrics import (
     save_stats,
     ssim,
 )
-from pipelines.eval.modes import Report
+from pipelines.eval.results import DemoSamples, GenerationMetrics, ImageFeatures, Report, Unavailable
 
 
 def _gaussian(n: int, d: int, seed: int, shift: float = 0.0, scale: float = 1.0) -> np.ndarray:
@@ -191,10 +191,25 @@ def test_image_folders_labels_sizes_and_missing(tmp_path):
 
 
 def test_report_names_unavailable_metrics():
-    report = Report("t")
-    report.add("fid", 1.25)
-    report.missing("inception_score", "no logits layer")
+    report = Report("t", GenerationMetrics(fid=1.25, inception_score=Unavailable("no logits layer")).rows())
     table = report.table()
     assert "| fid" in table and "1.25" in table
     assert "unavailable" in table and "inception_score: unavailable - no logits layer" in table
-    assert report.metrics["inception_score"] is None  # never a made-up number
+    assert report.metrics == {"fid": 1.25, "inception_score": None}  # never a made-up number; not asked: left out
+    assert report.unavailable == {"inception_score": "no logits layer"}
+    demo = DemoSamples(4, GenerationMetrics(fid=2.0, precision=0.5, recall=Unavailable("few")), 3.0, 0.75,
+                       {"a": 1.0, "b": None})
+    assert Report("d", demo.rows()).metrics == {  # the keys demo_eval.json has always had
+        "num_samples": 4, "sample_fid": 2.0, "sample_precision": 0.5, "sample_recall": None, "fd_demo": 3.0,
+        "sample_accuracy": 0.75, "sample_accuracy/a": 1.0, "sample_accuracy/b": None}
+
+
+def test_image_features_join_batches_and_keep_absent_ones_absent():
+    parts = [ImageFeatures(inception_pool=torch.ones(2, 3), classifier_logits=torch.zeros(2, 5, dtype=torch.float64)),
+             ImageFeatures(inception_pool=torch.zeros(1, 3), classifier_logits=torch.ones(1, 5, dtype=torch.float64))]
+    joined = ImageFeatures.cat([p.cpu() for p in parts])
+    assert joined.inception_pool.tolist() == [[1.0] * 3] * 2 + [[0.0] * 3]
+    assert joined.classifier_logits.dtype == torch.float32 and joined.classifier_logits.shape == (3, 5)
+    assert joined.inception_logits is None and joined.classifier_features is None
+    partly = ImageFeatures.cat([parts[0], ImageFeatures(classifier_logits=torch.ones(1, 5))])
+    assert partly.inception_pool is None and partly.classifier_logits.shape == (3, 5)

@@ -22,6 +22,7 @@ from pipelines.checkpoint import (
     load_config,
     load_train_state,
     save_model,
+    save_train_state,
 )
 from pipelines.cli import DEBUG_ENV, user_errors_exit
 from pipelines.errors import CorruptFileError, DirectoryLockedError, UserError, WriteError
@@ -242,6 +243,73 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(trained, token_sha
     load_generator(trained)
 
 
+ZIP_WRITER_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+@pytest.mark.parametrize("torch_keeps_the_cause", [True, False])
+def test_zip_writer_failure_on_a_full_disk_is_one_line(tmp_path, monkeypatch, torch_keeps_the_cause):
+    """torch.save reports a failed write as a RuntimeError from its zip writer; it is the usual disk-full line."""
+    import pipelines.checkpoint as checkpoint
+
+    save_train_state(tmp_path, {"step": 1, "w": torch.arange(10)})
+    state = tmp_path / TRAIN_STATE_DIR / "state.pt"
+    before = state.read_bytes()
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if not torch_keeps_the_cause:
+            raise RuntimeError(ZIP_WRITER_FAILURE)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError(ZIP_WRITER_FAILURE) from None  # torch's own context, as a full disk leaves it
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    if not torch_keeps_the_cause:
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    line = one_line_error(save_train_state, tmp_path, {"step": 2, "w": torch.arange(20)})
+    assert line == f"error: no space left on device while writing {state}; the previous {state} is intact"
+    assert state.read_bytes() == before and load_train_state(tmp_path)["step"] == 1
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_zip_writer_failure_with_space_left_is_not_called_disk_full(tmp_path, monkeypatch):
+    import pipelines.checkpoint as checkpoint
+
+    def broken(obj, f, *args, **kwargs):
+        raise RuntimeError(ZIP_WRITER_FAILURE)
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**11))
+    with pytest.raises(RuntimeError, match="unexpected pos") as info:
+        save_train_state(tmp_path, {"step": 1})
+    assert not isinstance(info.value, UserError)
+
+
+def test_state_write_on_a_real_full_file_system(tmp_path):
+    """A 2 MB tmpfs: the second state does not fit. Skipped where mounting is not permitted (not root, containers)."""
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                                 capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        mounted = False
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        save_train_state(mnt, {"step": 1, "w": torch.zeros(300_000)})  # 1.2 MB of 2 MB
+        state = mnt / TRAIN_STATE_DIR / "state.pt"
+        line = one_line_error(save_train_state, mnt, {"step": 2, "w": torch.ones(300_000)})
+        assert line == f"error: no space left on device while writing {state}; the previous {state} is intact"
+        assert load_train_state(mnt)["step"] == 1 and not list(mnt.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
+
+
 @pytest.mark.parametrize("code,why", [(errno.EACCES, "permission denied"), (errno.EROFS, "read-only file system")])
 def test_unwritable_directory_is_one_line(tmp_path, code, why):
     target = tmp_path / "model.safetensors"
@@ -446,7 +514,7 @@ def no_features(monkeypatch, tmp_path):
     def forbidden(*args, **kwargs):
         raise AssertionError("features were computed before the inputs were checked")
 
-    monkeypatch.setattr(modes.Features, "of", forbidden)
+    monkeypatch.setattr(modes.LazyInception, "of", forbidden)
 
 
 def _images(folder: Path, n: int, size: int) -> Path:
@@ -489,6 +557,16 @@ def test_evaluation_checks_inputs_before_features(tmp_path, no_features):
         f"error: {npz} is not a readable .npz (truncated or damaged: ")
 
 
+def test_unknown_metric_names_are_refused_before_any_work(tmp_path, no_features):
+    ref = _images(tmp_path / "ref", 4, 16)
+    assert _fid(tmp_path, f"samples={ref}", f"ref={ref}", "metrics=[fid,isc]") == \
+        "error: metrics: unknown name(s) 'isc'; valid names: fid, is, prc"
+    assert _fid(tmp_path, "mode=recon", "metrics=[FID]") == \
+        "error: metrics: unknown name(s) 'FID'; valid names: fid, is, prc"
+    assert _fid(tmp_path, f"samples={ref}", f"ref={ref}", "metrics=fid").startswith("error: metrics must be a list of")
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_samples_npz_with_its_own_statistics_is_used_for_fid(tmp_path, monkeypatch):
     """As the ADM evaluator does: FID from the samples' stored mu/sigma, the images for the other metrics."""
     import numpy as np
@@ -496,6 +574,7 @@ def test_samples_npz_with_its_own_statistics_is_used_for_fid(tmp_path, monkeypat
     import pipelines.eval.modes as modes
     from pipelines.eval.fid import evaluate
     from pipelines.eval.metrics import frechet_distance, read_npz
+    from pipelines.eval.results import ImageFeatures
     from tests.conftest import tool_config
 
     rng = np.random.default_rng(0)
@@ -507,7 +586,8 @@ def test_samples_npz_with_its_own_statistics_is_used_for_fid(tmp_path, monkeypat
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     monkeypatch.setattr(modes, "find_inception_weights", lambda path=None: weights)
-    monkeypatch.setattr(modes.Features, "of", lambda self, images, desc: {"pool": torch.randn(len(images), 4)})
+    monkeypatch.setattr(modes.LazyInception, "of",
+                        lambda self, images, desc: ImageFeatures(inception_pool=torch.randn(len(images), 4)))
     record = evaluate(tool_config("fid", [f"samples={npz}", f"ref={ref}", "metrics=[fid]", "stats_cache=null",
                                           f"results={tmp_path / 'r.jsonl'}", "device=cpu"]))
     expected = frechet_distance(read_npz(npz).stats, read_npz(ref))

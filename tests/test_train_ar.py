@@ -176,7 +176,7 @@ def test_sample_tool_writes_grid_pngs_and_adm_npz(trained_run, tmp_path, capsys)
 
 def test_sample_tool_and_fid_gen_draw_the_same_images(trained_run, tmp_path):
     """One seeding rule: sample i of class c depends on (seed, c, i) only, not on batching or other classes."""
-    from pipelines.eval.modes import generate_samples
+    from pipelines.eval.modes import Extractors, generate_samples
     from pipelines.sample import sample
 
     sample(tool_config("sample", [f"ckpt={trained_run}", "class=3", "n=4", "seed=0", "batch_size=3", "save_npz=true",
@@ -185,10 +185,29 @@ def test_sample_tool_and_fid_gen_draw_the_same_images(trained_run, tmp_path):
         arr = npz["arr_0"]
     cfg = tool_config("fid", ["mode=gen", f"ar={trained_run}", "classes=[2,3]", "per_class=4", "seed=0",
                               "batch_size=5", "device=cpu"])
-    _, labels, images, _ = generate_samples(cfg, {}, keep_images=True, shard=False)
+    generated = generate_samples(cfg, Extractors(), keep_images=True, shard=False)
+    labels, images = generated.labels, generated.images
     assert labels.tolist() == [2] * 4 + [3] * 4
     assert np.array_equal(images[labels == 3].numpy(), arr)
     assert not np.array_equal(images[labels == 2].numpy(), arr)
+
+
+@pytest.mark.slow
+def test_fid_gen_mode_writes_gen_eval_json(trained_run, demo_root, tmp_path):
+    """mode=gen end to end: samples drawn, Inception features of them, FID against the reference folder."""
+    from pipelines.eval.fid import evaluate
+    from pipelines.eval.inception import prepare_inception_weights
+
+    weights, _ = prepare_inception_weights(tmp_path / "inception.pth", verify_images=1)
+    record = evaluate(tool_config("fid", ["mode=gen", f"ar={trained_run}", "classes=[0,1,2]", "per_class=1",
+                                          f"ref={demo_root / 'val'}", "max_images=4", "metrics=[fid,prc]",
+                                          f"weights={weights}", "stats_cache=null", "device=cpu",
+                                          f"results={tmp_path / 'r.jsonl'}"]))
+    m = record["metrics"]
+    assert m["num_samples"] == 3 and m["fid"] > 0 and m["precision"] is None and m["recall"] is None
+    assert record["unavailable"]["precision"] == "needs more than prc_neighborhood=3 images per set"
+    assert record["sampling"]["temperature"] is not None
+    assert json.loads((trained_run / "gen_eval.json").read_text())["metrics"] == m
 
 
 def test_class_names_and_unknown_classes(trained_run):

@@ -7,13 +7,13 @@ of samples and of tokenizer reconstructions, and ``fd_demo``, a Fréchet distanc
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from pipelines.data import collate_images
@@ -21,7 +21,7 @@ from pipelines.eval.demo_classifier import load_demo_classifier, per_class_accur
 from pipelines.eval.metrics import (
     FeatureStats,
     ImageArrayError,
-    extract_features,
+    ImageSet,
     feature_stats,
     frechet_distance,
     open_images,
@@ -29,8 +29,9 @@ from pipelines.eval.metrics import (
     ssim,
 )
 from pipelines.eval.modes import (
-    Features,
-    Report,
+    Extractors,
+    LazyInception,
+    extract_features,
     finish,
     generate_samples,
     generation_metrics,
@@ -38,6 +39,7 @@ from pipelines.eval.modes import (
     reference_stats,
     spread_subset,
 )
+from pipelines.eval.results import DemoRecognition, DemoSamples, ImageFeatures, ReconFeatures, Report
 from pipelines.images import psnr, to_uint8
 
 
@@ -59,7 +61,7 @@ class ReconRecognition:
         self.labels: list[torch.Tensor] = []
 
     def __call__(self, x: torch.Tensor, rec: torch.Tensor, labels: torch.Tensor) -> None:
-        self.preds.append(self.classifier.classify(to_uint8(rec).permute(0, 3, 1, 2))["logits"].argmax(1).cpu())
+        self.preds.append(self.classifier.classify(to_uint8(rec).permute(0, 3, 1, 2)).logits.argmax(1).cpu())
         self.labels.append(labels.cpu())
 
     def summary(self) -> dict[str, Any]:
@@ -90,18 +92,36 @@ def baseline_rows(dataset: Dataset, judge: ReconRecognition, grid: int = 8) -> d
     return rows
 
 
-def recon_accuracy(report: Report, hook: Any, names: list[str]) -> None:
+def _accuracy(logits: Tensor, labels: Tensor, names: list[str]) -> tuple[float, dict[str, float | None]]:
+    """Overall and per-class (by name; None for a class without images) accuracy of the classifier's verdicts."""
+    preds = logits.argmax(1)
+    per_class = per_class_accuracy(preds, labels, len(names))
+    return float((preds == labels).float().mean()), dict(zip(names, per_class, strict=True))
+
+
+def _fd_demo(a: Tensor, b: Tensor) -> float:
+    return frechet_distance(feature_stats(a, "demo-classifier"), feature_stats(b, "demo-classifier"))
+
+
+def recon_recognition(features: ReconFeatures, names: list[str]) -> DemoRecognition:
     """Classifier accuracy on real and reconstructed val images, per class, and ``fd_demo_recon``."""
-    labels = torch.cat(hook.labels)
-    real_pred = hook.get("classifier_real_logits").argmax(1)
-    rec_pred = hook.get("classifier_rec_logits").argmax(1)
-    report.add("val_accuracy_real", float((real_pred == labels).float().mean()))
-    report.add("val_accuracy_recon", float((rec_pred == labels).float().mean()))
-    for name, acc in zip(names, per_class_accuracy(rec_pred, labels, len(names)), strict=True):
-        report.add(f"recon_accuracy/{name}", acc)
-    report.add("fd_demo_recon", frechet_distance(
-        feature_stats(hook.get("classifier_rec_features"), "demo-classifier"),
-        feature_stats(hook.get("classifier_real_features"), "demo-classifier")))
+    real_accuracy, _ = _accuracy(features.real.classifier_logits, features.labels, names)
+    recon_accuracy, per_class = _accuracy(features.rec.classifier_logits, features.labels, names)
+    return DemoRecognition(real_accuracy, recon_accuracy, per_class,
+                           _fd_demo(features.rec.classifier_features, features.real.classifier_features))
+
+
+def judge_samples(cfg: DictConfig, samples: ImageFeatures, labels: Tensor, val: ImageSet, val_features: ImageFeatures,
+                  feats: LazyInception | None, names: list[str]) -> DemoSamples:
+    """The samples half: recognition accuracy, ``fd_demo`` against the demo val split, and the Inception metrics
+    (``sample_fid`` ...) when fid is among the metrics."""
+    inception = None
+    if feats is not None:
+        ref_stats, ref_pool, _ = reference_stats(cfg, feats, val, "prc" in cfg.metrics, desc="demo val")
+        inception = generation_metrics(cfg, samples, ref_stats, ref_pool)
+    accuracy, per_class = _accuracy(samples.classifier_logits, labels, names)
+    return DemoSamples(len(labels), inception, _fd_demo(samples.classifier_features, val_features.classifier_features),
+                       accuracy, per_class)
 
 
 def run_demo(cfg: DictConfig, device: torch.device) -> dict | None:
@@ -109,47 +129,31 @@ def run_demo(cfg: DictConfig, device: torch.device) -> dict | None:
     root = Path(cfg.demo_data)
     classifier, info = load_demo_classifier(root, cfg.classifier, device, cfg.classifier_epochs)
     names: list[str] = list(info["classes"])
-    report = Report("demo metrics")
-    report.add("classifier_val_accuracy", info["val_accuracy"])
-    feats = Features(cfg, device) if "fid" in cfg.metrics else None
+    report = Report("demo metrics", [("classifier_val_accuracy", info["val_accuracy"])])
+    feats = LazyInception(cfg, device) if "fid" in cfg.metrics else None
     if cfg.tokenizer is not None:
         sub = OmegaConf.merge(cfg, {"data": str(root), "split": "val"})
-        hook = recon_metrics(sub, device, report, feats, {"classifier": classifier.classify})
-        recon_accuracy(report, hook, names)
+        recon, features = recon_metrics(sub, device, feats, classifier)
+        report.rows += recon.rows() + recon_recognition(features, names).rows()
     if cfg.ar is None and cfg.samples is None:
         return finish(cfg, report, Path(cfg.tokenizer or cfg.classifier) / "demo_eval.json")
 
     val = open_images(root / "val", classifier.cfg.resolution, names)  # same cache entry as the recon half
     val = spread_subset(val, cfg.max_images)
     extra: dict[str, Any] = {}
-    extractors: dict[str, Callable] = {"classifier": classifier.classify}
-    if feats is not None:
-        extractors["inception"] = feats
+    extract = Extractors(feats, classifier)
     if cfg.ar is not None:
-        out, labels, images, ar_config = generate_samples(cfg, extractors, keep_images=bool(cfg.save_samples),
-                                                          shard=False)
-        extra["sampling"] = ar_config["sampling_used"]
+        generated = generate_samples(cfg, extract, keep_images=bool(cfg.save_samples), shard=False)
+        features, labels = generated.features, generated.labels
+        extra["sampling"] = generated.sampling
         if cfg.save_samples:
-            print(f"samples saved to {save_images_npz(cfg.save_samples, images, labels)}")
+            print(f"samples saved to {save_images_npz(cfg.save_samples, generated.images, labels)}")
     else:
         samples = open_images(cfg.samples, None, names)
         if isinstance(samples, FeatureStats) or samples.labels is None:
             raise ImageArrayError(f"samples={cfg.samples} needs images with labels (npz arr_1, or class folders)")
-        out = {}
-        for name, fn in extractors.items():
-            out.update({f"{name}_{k}": v for k, v in extract_features(samples, fn, cfg.batch_size, name).items()})
+        features = extract_features(samples, extract, cfg.batch_size, "samples")
         labels = torch.from_numpy(samples.labels)
-    report.add("num_samples", len(labels))
-    if feats is not None:
-        ref_stats, ref_pool, _ = reference_stats(cfg, feats, val, "prc" in cfg.metrics, desc="demo val")
-        generation_metrics(cfg, report, out["inception_pool"], out.get("inception_logits"), ref_stats, ref_pool,
-                           prefix="sample_")
-    val_feats = extract_features(val, classifier.classify, cfg.batch_size, "classifier: demo val")
-    report.add("fd_demo", frechet_distance(feature_stats(out["classifier_features"], "demo-classifier"),
-                                           feature_stats(val_feats["features"], "demo-classifier")))
-    preds = out["classifier_logits"].argmax(1)
-    report.add("sample_accuracy", float((preds == labels).float().mean()))
-    for name, acc in zip(names, per_class_accuracy(preds, labels, len(names)), strict=True):
-        report.add(f"sample_accuracy/{name}", acc)
+    val_features = extract_features(val, Extractors(classifier=classifier), cfg.batch_size, "classifier: demo val")
+    report.rows += judge_samples(cfg, features, labels, val, val_features, feats, names).rows()
     return finish(cfg, report, Path(cfg.ar or Path(cfg.samples).parent) / "demo_eval.json", extra=extra)
-

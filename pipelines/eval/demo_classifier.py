@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +39,13 @@ class ClassifierConfig:
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
+
+
+class Classified(NamedTuple):
+    """The classifier's verdict on a batch: pooled features (for ``fd_demo``) and class logits."""
+
+    features: Tensor
+    logits: Tensor
 
 
 class DemoClassifier(nn.Module):
@@ -73,11 +80,11 @@ class DemoClassifier(nn.Module):
         return self.head(self.features(x))
 
     @torch.no_grad()
-    def classify(self, images: Tensor) -> dict[str, Tensor]:
-        """uint8 images -> {'features', 'logits'} (eval mode)."""
+    def classify(self, images: Tensor) -> Classified:
+        """uint8 images -> pooled features and logits (eval mode)."""
         self.eval()
         f = self.features(self.prepare(images))
-        return {"features": f, "logits": self.head(f)}
+        return Classified(f, self.head(f))
 
 
 def load_split_uint8(root: str | Path, split: str, resolution: int) -> tuple[Tensor, Tensor, list[str]]:
@@ -128,7 +135,7 @@ def _blur(x: Tensor, prob: float, gen: torch.Generator) -> Tensor:
 
 @torch.no_grad()
 def accuracy(model: DemoClassifier, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
-    preds = torch.cat([model.classify(images[i:i + batch_size])["logits"].argmax(1).cpu()
+    preds = torch.cat([model.classify(images[i:i + batch_size]).logits.argmax(1).cpu()
                        for i in range(0, len(images), batch_size)])
     return float((preds == labels).float().mean())
 

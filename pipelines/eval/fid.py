@@ -12,11 +12,13 @@ and appended (with the full config) to ``results`` (runs/results.jsonl).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from pipelines.cli import entry_point, require_choice, require_int
+from pipelines.errors import ConfigError
 from pipelines.eval.demo import run_demo
 from pipelines.eval.inception import CONVERTED_FILE, inception_cache_dir, prepare_inception_weights
 from pipelines.eval.modes import run_gen, run_recon, run_samples
@@ -24,6 +26,7 @@ from pipelines.generate import SAMPLING_KEYS, check_sampling_options
 from pipelines.util import pick_device
 
 MODES = {"samples": run_samples, "recon": run_recon, "gen": run_gen, "demo": run_demo}
+METRICS = ("fid", "is", "prc")  # FID (rFID in mode=recon), Inception Score, precision/recall
 
 
 def prepare_weights(cfg: DictConfig) -> Path:
@@ -41,8 +44,20 @@ def prepare_weights(cfg: DictConfig) -> Path:
     return path
 
 
+def check_metrics(cfg: DictConfig) -> None:
+    """A misspelt name would otherwise just drop that metric from the results without a word."""
+    names = cfg.metrics
+    if isinstance(names, str) or not isinstance(names, Sequence | ListConfig):
+        raise ConfigError(f"metrics must be a list of {', '.join(METRICS)} (e.g. metrics=[fid,prc]), got {names!r}")
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ConfigError(f"metrics: unknown name(s) {', '.join(map(repr, unknown))}; valid names: "
+                          f"{', '.join(METRICS)}")
+
+
 def check_options(cfg: DictConfig) -> None:
     require_choice(cfg, "mode", tuple(MODES))
+    check_metrics(cfg)
     for key in ("batch_size", "per_class", "is_splits", "prc_neighborhood", "classifier_epochs"):
         require_int(cfg, key, 1)
     require_int(cfg, "max_images", 2, optional=True)

