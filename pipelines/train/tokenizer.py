@@ -29,6 +29,7 @@ from pipelines.eval.demo_classifier import is_demo_dataset
 from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.images import save_rows
 from pipelines.run_log import RunLogger
+from pipelines.schemas import check_tokenizer_run
 from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, lr_setter, run_loop, start_run
 from pipelines.util import atomic_write_text, evenly_spaced
 from tokenizer.discriminator import PatchDiscriminator
@@ -50,6 +51,7 @@ def check_options(cfg: DictConfig) -> None:
     require_int(cfg, "image_every", 1)
     require_int(cfg, "eval_max_images", 1, optional=True)
     require_choice(cfg, "data.on_corrupt", ("skip", "error"))
+    check_tokenizer_run(cfg)  # every other key, the model and loss dataclasses built strictly (pipelines/schemas.py)
 
 
 def train(cfg: DictConfig) -> TrainOutcome:
@@ -69,7 +71,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
 
     # Models, loss, optimizers.
     model_cfg = TokenizerConfig.from_dict(config["tokenizer"]["model"])
-    loss_cfg = LossConfig(**config["tokenizer"]["loss"])
+    loss_cfg = LossConfig.from_dict(config["tokenizer"]["loss"])
     perceptual = build_perceptual(loss_cfg.perceptual, loss_cfg.vgg_weights) if loss_cfg.perceptual_weight > 0 \
         else None
     model = ImageTokenizer(model_cfg)
