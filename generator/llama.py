@@ -90,7 +90,7 @@ class GPTConfig:
         for name in ("norm_eps", "rope_base", "init_std"):
             require_number(v, f"{MODEL_KEY}.{name}", 0, low_open=True)
         for name in ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout"):
-            require_number(v, f"{MODEL_KEY}.{name}", 0, 1, high_open=True)
+            require_number(v, f"{MODEL_KEY}.{name}", 0, 1)
         require_number(v, f"{MODEL_KEY}.adaln_gate_init", 0)
         require_bool(v, f"{MODEL_KEY}.adaln")
         require_choice(v, f"{MODEL_KEY}.head_norm", HEAD_NORMS)

@@ -596,4 +596,5 @@ def quantizer_config(kind: str, args: Any = None) -> IBQConfig | VQConfig:
 
 def build_quantizer(kind: str, num_codes: int, dim: int, args: Any = None) -> Quantizer:
     """Quantizer by config name; an argument the chosen quantizer does not take is an error, not dropped."""
-    return QUANTIZERS[kind][0](num_codes, dim, quantizer_config(kind, args))
+    options = quantizer_config(kind, args)
+    return QUANTIZERS[kind][0](num_codes, dim, options)
