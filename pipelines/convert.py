@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from generator.llama import GPTConfig, LlamaGPT
 from pipelines.checkpoint import MODEL_FILE, save_model, weights_hash
-from pipelines.cli import CONF_DIR, entry_point
+from pipelines.cli import CONF_DIR, entry_point, require_bool, require_choice, require_int, require_text
 from pipelines.errors import UserError
 from pipelines.schemas import GeneratorSection
 from pipelines.util import DirectoryLock, remove_stale_tmp
@@ -624,7 +624,19 @@ def _convert(source: str, src: str | Path, out: str | Path, config: str | None, 
     return summary
 
 
+def check_options(cfg: DictConfig) -> None:
+    if cfg.source is not None:  # null: convert() says which sources there are and what else to give
+        require_choice(cfg, "source", SOURCES)
+    for key in ("src", "out", "config", "tokenizer"):
+        require_text(cfg, key, optional=True)
+    for key in ("ema", "overwrite"):
+        require_bool(cfg, key)
+    require_int(cfg, "image_size", 16)
+    require_int(cfg, "n_head", 1, optional=True)
+
+
 def run(cfg: DictConfig) -> None:
+    check_options(cfg)
     summary = convert(cfg.source, cfg.src, cfg.out, cfg.config, cfg.ema, cfg.tokenizer, cfg.image_size, cfg.n_head,
                       cfg.overwrite)
     extra = f"; tokenizer -> {summary['tokenizer']}" if "tokenizer" in summary else ""

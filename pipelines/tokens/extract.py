@@ -48,8 +48,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipelines.checkpoint import load_config, weights_hash
-from pipelines.cli import entry_point, require_choice, require_int
+from pipelines.cli import entry_point, require_bool, require_choice, require_int, require_number, require_text
 from pipelines.data import load_rgb_or_skip, resize_and_crop, scan_image_folder
+from pipelines.schemas import check_data
 from pipelines.tokens.shards import (
     MANIFEST_FILE,
     TOKEN_SHARD_FORMAT,
@@ -218,6 +219,13 @@ def check_options(cfg: DictConfig) -> None:
     require_int(cfg, "resolution", 8, optional=True)
     require_choice(cfg, "data.on_corrupt", ("skip", "error"))
     require_choice(cfg, "overwrite", (True, False))
+    for key in ("tokenizer_ckpt", "split", "out_dir"):
+        require_text(cfg, key)
+    for key in ("variants.flip", "variants.ten_crop", "cpu"):
+        require_bool(cfg, key)
+    require_number(cfg, "variants.ten_crop_scale", 1)
+    require_choice(cfg, "mixed_precision", ("no", "bf16", "fp16"))
+    check_data(cfg)
 
 
 def _prepare(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:
