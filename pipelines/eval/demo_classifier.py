@@ -28,6 +28,8 @@ from pipelines.data import DatasetNotFoundError, load_rgb, resize_and_crop, scan
 from pipelines.demo_data import META_FILE
 from pipelines.images import to_uint8
 
+DEMO_CLASSIFIER_DIR = "runs/demo_classifier"  # the shared cache (the Python default; the YAML files name it too)
+
 
 @dataclass
 class ClassifierConfig:
@@ -181,7 +183,7 @@ def _cache_key(root: Path, cfg: ClassifierConfig) -> dict[str, Any]:
     return {"data": data, "classifier": asdict(cfg)}
 
 
-def load_or_train(root: str | Path, cache_dir: str | Path = "runs/demo_classifier",
+def load_or_train(root: str | Path, cache_dir: str | Path = DEMO_CLASSIFIER_DIR,
                   cfg: ClassifierConfig | None = None, device: str | torch.device = "cpu",
                   retrain: bool = False) -> tuple[DemoClassifier, dict[str, Any]]:
     """The cached classifier for this dataset and config, training (and caching) it first when needed."""
