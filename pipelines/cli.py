@@ -96,7 +96,7 @@ def hydra_error_line(err: BaseException) -> str:
     if missing:
         group, option = missing.groups()
         options = [line.strip() for line in text.split("Available options in", 1)[-1].splitlines()[1:]]
-        options = [o for o in options if o and not o.startswith("_")]  # _schema: not an option to choose
+        options = [o for o in options if o]
         return f"{group}={option}: no such option; {group} is one of {', '.join(options)}"
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith(("Set the environment variable HYDRA_FULL_ERROR",
@@ -107,7 +107,7 @@ def hydra_error_line(err: BaseException) -> str:
 def _known_keys(e: Any) -> list[str]:
     node = getattr(e, "parent_node", None)
     try:
-        return [str(k) for k in node.keys()] if node is not None else []
+        return [str(k) for k in node.keys() if k != "hydra"] if node is not None else []
     except Exception:  # a node Hydra left half-built: no list rather than a second error
         return []
 

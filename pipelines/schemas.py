@@ -2,8 +2,10 @@
 
 One home per setting: the defaults of ``TokenizerConfig``, ``LossConfig`` (tokenizer/) and ``GPTConfig``
 (generator/) are the official reference choices, and the quantizers' options are ``IBQConfig`` / ``VQConfig``.
-``register_schemas`` stores them in Hydra's ConfigStore as ``tokenizer/_schema`` and ``generator/_schema``; each
-conf/tokenizer/*.yaml and conf/generator/*.yaml lists ``_schema`` first in its defaults and states only what differs,
+``register_schemas`` stores them in Hydra's ConfigStore as ``schemas/tokenizer`` and ``schemas/generator`` (not in
+the ``tokenizer`` / ``generator`` groups: the ConfigStore is on every search path, and conf/tools/ configs have plain
+``tokenizer=`` keys); each conf/tokenizer/*.yaml and conf/generator/*.yaml lists ``/schemas/<group>@_here_`` first in
+its defaults and states only what differs,
 so ``key=value`` works for every field and OmegaConf refuses an unknown key or a value of the wrong type.
 Trainer and tool keys (``train.*``, ``run_dir``, ...) have their one home in their YAML file; ``check_*_run`` below
 range-check them before any work starts (with ``pipelines.train.loop.check_train_options``).
@@ -89,12 +91,12 @@ class TokenizerSection:
 
 
 def register_schemas() -> None:
-    """``tokenizer/_schema`` and ``generator/_schema`` in Hydra's ConfigStore (idempotent)."""
+    """``schemas/tokenizer`` and ``schemas/generator`` in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(group="tokenizer", name="_schema", node=TokenizerSection)
-    cs.store(group="generator", name="_schema", node=GeneratorSection)
+    cs.store(group="schemas", name="tokenizer", node=TokenizerSection)
+    cs.store(group="schemas", name="generator", node=GeneratorSection)
 
 
 # ------------------------------------------------------------------------------------ checks before work

@@ -13,7 +13,7 @@ REFERENCE_PARAMS = {"B": 342e6, "L": 649e6, "XL": 1.1e9, "XXL": 2.1e9}
 
 
 def generator_spec(name: str) -> dict:
-    """conf/generator/<name>.yaml composed as training composes it (over its `_schema`: GPTConfig's defaults)."""
+    """conf/generator/<name>.yaml composed as training composes it (over its schema: GPTConfig's defaults)."""
     return OmegaConf.to_container(compose_config("train_ar", [f"generator={name}"]).generator)
 
 
