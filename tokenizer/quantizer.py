@@ -378,6 +378,12 @@ class VQConfig:
         require_bool(v, f"{QUANTIZER_ARGS}.l2_norm")
 
 
+def _options(cls: type, cfg: Any, options: dict[str, Any]) -> Any:
+    """``cfg`` (default ``cls()``) with single fields replaced by keyword ``options`` (checked as config keys)."""
+    cfg = cfg if cfg is not None else cls()
+    return build_strict(cls, {**dataclasses.asdict(cfg), **options}, QUANTIZER_ARGS) if options else cfg
+
+
 class IBQuantizer(nn.Module):
     """Index Backpropagation Quantizer.
 
@@ -398,23 +404,17 @@ class IBQuantizer(nn.Module):
     def __init__(self, num_codes: int, dim: int, cfg: IBQConfig | None = None, **options: Any) -> None:
         """``cfg`` holds the options (``IBQConfig``); keyword ``options`` replace single fields of it."""
         super().__init__()
-        cfg = dataclasses.replace(cfg or IBQConfig(), **options) if options else (cfg or IBQConfig())
-        self.cfg = cfg
-        beta, beta_on_codebook, quant_weight, entropy_weight = (cfg.beta, cfg.beta_on_codebook, cfg.quant_weight,
-                                                                cfg.entropy_weight)
-        entropy_temperature, entropy_eps, init_std = cfg.entropy_temperature, cfg.entropy_eps, cfg.init_std
-        sample_entropy_weight, batch_entropy_weight = cfg.sample_entropy_weight, cfg.batch_entropy_weight
-        impl, code_tile, pos_tile = cfg.impl, cfg.code_tile, cfg.pos_tile
+        self.cfg = cfg = _options(IBQConfig, cfg, options)
         self.num_codes, self.dim = num_codes, dim
-        self.beta, self.beta_on_codebook = beta, beta_on_codebook
-        self.quant_weight, self.entropy_weight = quant_weight, entropy_weight
-        self.entropy_temperature, self.entropy_eps = entropy_temperature, float(entropy_eps)
-        self.sample_entropy_weight, self.batch_entropy_weight = sample_entropy_weight, batch_entropy_weight
-        self.impl, self.code_tile, self.pos_tile = impl, int(code_tile), int(pos_tile)
+        self.beta, self.beta_on_codebook = cfg.beta, cfg.beta_on_codebook
+        self.quant_weight, self.entropy_weight = cfg.quant_weight, cfg.entropy_weight
+        self.entropy_temperature, self.entropy_eps = cfg.entropy_temperature, cfg.entropy_eps
+        self.sample_entropy_weight, self.batch_entropy_weight = cfg.sample_entropy_weight, cfg.batch_entropy_weight
+        self.impl, self.code_tile, self.pos_tile = cfg.impl, cfg.code_tile, cfg.pos_tile
         self.embedding = nn.Embedding(num_codes, dim)  # N(0, 1) init, as the reference
-        if float(init_std) != 1.0:  # scaled rather than redrawn: the same seed gives the same codes' directions
+        if cfg.init_std != 1.0:  # scaled rather than redrawn: the same seed gives the same codes' directions
             with torch.no_grad():
-                self.embedding.weight.mul_(float(init_std))
+                self.embedding.weight.mul_(cfg.init_std)
 
     @property
     def tiled(self) -> bool:
@@ -520,8 +520,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, num_codes: int, dim: int, cfg: VQConfig | None = None, **options: Any) -> None:
         super().__init__()
-        cfg = dataclasses.replace(cfg or VQConfig(), **options) if options else (cfg or VQConfig())
-        self.cfg = cfg
+        self.cfg = cfg = _options(VQConfig, cfg, options)
         beta, quant_weight, l2_norm = cfg.beta, cfg.quant_weight, cfg.l2_norm
         self.num_codes, self.dim = num_codes, dim
         self.beta, self.quant_weight, self.l2_norm = beta, quant_weight, bool(l2_norm)
