@@ -63,13 +63,18 @@ HYDRA_RUN_HERE = {
 
 
 def register_configs() -> None:
-    """Put ``_hydra`` and the config dataclasses' schemas (``pipelines.schemas``) in Hydra's ConfigStore."""
+    """Put ``_hydra`` and the config dataclasses' schemas (``pipelines.schemas``) in Hydra's ConfigStore, and the
+    ``${demo_classifier_dir:}`` resolver (the demo classifier's cache, named once in Python) in OmegaConf."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
+    from pipelines.eval.demo_classifier import DEMO_CLASSIFIER_DIR
     from pipelines.schemas import register_schemas
 
     ConfigStore.instance().store(name="_hydra", node=HYDRA_RUN_HERE, package="_global_")
     register_schemas()
+    if not OmegaConf.has_resolver("demo_classifier_dir"):
+        OmegaConf.register_new_resolver("demo_classifier_dir", lambda: DEMO_CLASSIFIER_DIR)
 
 
 def hydra_error_line(err: BaseException) -> str:

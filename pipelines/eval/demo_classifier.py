@@ -28,7 +28,7 @@ from pipelines.data import DatasetNotFoundError, load_rgb, resize_and_crop, scan
 from pipelines.demo_data import META_FILE
 from pipelines.images import to_uint8
 
-DEMO_CLASSIFIER_DIR = "runs/demo_classifier"  # the shared cache (the Python default; the YAML files name it too)
+DEMO_CLASSIFIER_DIR = "runs/demo_classifier"  # the shared cache; YAML: ${demo_classifier_dir:} (pipelines/cli.py)
 
 
 @dataclass
