@@ -34,7 +34,7 @@ from pipelines.train.tokenizer import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 IBQ_ARGS = "tokenizer.model.quantizer_args"
-VQ = ["tokenizer.model.quantizer=vq", f"~{IBQ_ARGS}", f"+{IBQ_ARGS}={{beta:0.25}}"]
+VQ = ["tokenizer.model.quantizer=vq", f"{IBQ_ARGS}=null", f"{IBQ_ARGS}={{beta:0.25}}"]
 
 # name -> (what it tests, overrides). "demo" is what `make demo` trains; the others vary one thing from it.
 RECIPES: dict[str, tuple[str, list[str]]] = {
