@@ -73,9 +73,9 @@ def _ibq_options() -> dict[str, Any]:
 
 
 # conf/tokenizer/*.yaml: the architecture with the default quantizer's options (IBQConfig's) spelled out under
-# quantizer_args, so ``tokenizer.model.quantizer_args.<option>=`` works for each. An untyped mapping: the VQ baseline
-# replaces it (``tokenizer.model.quantizer=vq '~tokenizer.model.quantizer_args' '+tokenizer.model.quantizer_args=
-# {beta: 0.25}'``); the options are checked when TokenizerConfig is built.
+# quantizer_args, so ``tokenizer.model.quantizer_args.<option>=`` works for each. Untyped, so the VQ baseline can
+# replace it (``tokenizer.model.quantizer=vq tokenizer.model.quantizer_args=null 'tokenizer.model.quantizer_args=
+# {beta: 0.25}'``: a schema field cannot be deleted); the options are checked when TokenizerConfig is built.
 TokenizerModel = dataclasses.make_dataclass(
     "TokenizerModel", [(f.name, Any if f.name == "quantizer_args" else typing.get_type_hints(TokenizerConfig)[f.name],
                         field(default_factory=_ibq_options) if f.name == "quantizer_args" else
