@@ -79,7 +79,7 @@ def register_configs() -> None:
 
 def hydra_error_line(err: BaseException) -> str:
     """Hydra's / OmegaConf's multi-line composition error as one line that names the option."""
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     chain, e = [], err
     while e is not None and e not in chain:
@@ -88,14 +88,12 @@ def hydra_error_line(err: BaseException) -> str:
     for e in chain:
         if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
             reason = (e.msg or str(e)).splitlines()[0]
-            if isinstance(e, ConfigKeyError | AttributeError) or "not in" in reason:
+            if isinstance(e, ConfigKeyError | AttributeError) or "not in" in reason:  # unknown key
                 parent = e.full_key.rpartition(".")[0]
                 known = _known_keys(e)
                 takes = f"; {parent or 'the config'} takes: {', '.join(known)}" if known else ""
                 return f"unknown option {e.full_key}{takes}"
-            if isinstance(e, ValidationError):
-                return f"{e.full_key}: {reason}"
-            return f"{e.full_key}: {reason}"
+            return f"{e.full_key}: {reason}"  # e.g. a schema field given a value of the wrong type
     text = str(err).split("Config search path")[0]  # Hydra appends its search path to a missing option
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing:
