@@ -217,7 +217,6 @@ def check_options(cfg: DictConfig) -> None:
     for key in ("max_images", "stop_after_shards"):
         require_int(cfg, key, 1, optional=True)
     require_int(cfg, "resolution", 8, optional=True)
-    require_choice(cfg, "data.on_corrupt", ("skip", "error"))
     require_choice(cfg, "overwrite", (True, False))
     for key in ("tokenizer_ckpt", "split", "out_dir"):
         require_text(cfg, key)
@@ -225,7 +224,7 @@ def check_options(cfg: DictConfig) -> None:
         require_bool(cfg, key)
     require_number(cfg, "variants.ten_crop_scale", 1)
     require_choice(cfg, "mixed_precision", ("no", "bf16", "fp16"))
-    check_data(cfg)
+    check_data(cfg)  # the data section (root, splits, resolution, on_corrupt, workers)
 
 
 def _prepare(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:
