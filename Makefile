@@ -20,7 +20,7 @@ help:
 	@echo "make train-ar         - train the AR generator on token shards (ARGS='key=value ...')"
 	@echo "make reconstruct      - reconstruct images with a tokenizer (ARGS='tokenizer=... input=... out=...')"
 	@echo "make sample           - sample images (ARGS='class=3 n=16 ...'; default: every demo class)"
-	@echo "make fid              - evaluate (ARGS='mode=recon tokenizer=... data=...' etc., see conf/eval/fid.yaml)"
+	@echo "make fid              - evaluate (ARGS='mode=recon tokenizer=... data=...' etc., see conf/tools/fid.yaml)"
 	@echo "make bench            - speed/memory benchmarks (quantizer, extraction, sampling)"
 	@echo "make lint             - ruff"
 

@@ -28,12 +28,13 @@ from omegaconf import OmegaConf
 
 from pipelines.data import ImageFolderDataset
 from pipelines.eval.demo import ReconRecognition, baseline_rows
+from pipelines.eval.demo_classifier import DEMO_CLASSIFIER_DIR
 from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.train.tokenizer import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 IBQ_ARGS = "tokenizer.model.quantizer_args"
-VQ = ["tokenizer.model.quantizer=vq", f"~{IBQ_ARGS}", f"+{IBQ_ARGS}={{beta:0.25}}"]
+VQ = ["tokenizer.model.quantizer=vq", f"{IBQ_ARGS}=null", f"{IBQ_ARGS}={{beta:0.25}}"]
 
 # name -> (what it tests, overrides). "demo" is what `make demo` trains; the others vary one thing from it.
 RECIPES: dict[str, tuple[str, list[str]]] = {
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(int(args.get("threads", torch.get_num_threads())))
     resolution = int(OmegaConf.load(CONF / "data" / "demo.yaml").resolution)
     val = ImageFolderDataset(data_root, "val", resolution, "error")
-    judge = ReconRecognition(data_root, args.get("classifier", "runs/demo_classifier"))
+    judge = ReconRecognition(data_root, args.get("classifier", DEMO_CLASSIFIER_DIR))
 
     print(f"{steps} steps per recipe, {torch.get_num_threads()} threads, {len(val)} val images of {data_root}")
     header = ("| recipe | steps | minutes | PSNR dB | SSIM | utilisation | perplexity | recognised | worst class |\n"

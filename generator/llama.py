@@ -23,12 +23,23 @@ Inference uses a preallocated KV cache (``new_cache`` + ``forward(..., cache=, s
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pipelines.errors import ConfigError  # leaf modules: the error class and the option checks only
+from pipelines.options import (
+    build_strict,
+    fields_of,
+    require_bool,
+    require_choice,
+    require_int,
+    require_int_list,
+    require_number,
+)
 
 # Norm before the output head:
 #   adaln     - LayerNorm without affine (eps 1e-6), then x (1 + scale) + shift from the class embedding (VAR);
@@ -40,8 +51,15 @@ HEAD_NORMS = ("adaln", "adaln_rms", "rms")
 ROPE_CLS = ("identity", "zero")
 
 
+MODEL_KEY = "generator.model"  # where the architecture sits in a run's config
+MANIFEST_KEYS = ("vocab_size", "num_classes", "grid")  # set from the token shards, not from conf/generator
+
+
 @dataclass
 class GPTConfig:
+    """Architecture of one generator. Defaults are the official IBQ / LlamaGen-B choices: the one home of these
+    values; conf/generator/*.yaml extend this schema (``pipelines.schemas``) and state only what differs."""
+
     vocab_size: int = 16384
     num_classes: int = 1000
     grid: tuple[int, int] = (16, 16)       # token grid (h, w); block_size = h * w
@@ -60,18 +78,27 @@ class GPTConfig:
     adaln: bool = True                     # per-block AdaLN from the class embedding
     adaln_gate_init: float = 1e-3          # scale of the gate rows' initial weights (near-zero gates)
     init_std: float = 0.02
-    head_norm: str = "adaln"               # norm before the head: see HEAD_NORMS (default: this project's first form)
-    rope_cls: str = "identity"             # class token's rotary row: see ROPE_CLS
+    head_norm: str = "adaln_rms"           # norm before the head: see HEAD_NORMS (IBQ's official model)
+    rope_cls: str = "zero"                 # class token's rotary row: see ROPE_CLS (IBQ / LlamaGen)
 
     def __post_init__(self) -> None:
+        v = fields_of(self, MODEL_KEY)
+        for name in ("vocab_size", "num_classes", "dim", "n_layer", "n_head", "ffn_multiple_of"):
+            require_int(v, f"{MODEL_KEY}.{name}", 1)
+        require_int(v, f"{MODEL_KEY}.ffn_hidden", 1, optional=True)
+        require_int_list(v, f"{MODEL_KEY}.grid", 1, length=2)
+        for name in ("norm_eps", "rope_base", "init_std"):
+            require_number(v, f"{MODEL_KEY}.{name}", 0, low_open=True)
+        for name in ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout"):
+            require_number(v, f"{MODEL_KEY}.{name}", 0, 1)
+        require_number(v, f"{MODEL_KEY}.adaln_gate_init", 0)
+        require_bool(v, f"{MODEL_KEY}.adaln")
+        require_choice(v, f"{MODEL_KEY}.head_norm", HEAD_NORMS)
+        require_choice(v, f"{MODEL_KEY}.rope_cls", ROPE_CLS)
         self.grid = tuple(int(g) for g in self.grid)  # type: ignore[assignment]
-        if self.head_norm not in HEAD_NORMS:
-            raise ValueError(f"unknown head_norm {self.head_norm!r}; choose one of {list(HEAD_NORMS)}")
-        if self.rope_cls not in ROPE_CLS:
-            raise ValueError(f"unknown rope_cls {self.rope_cls!r}; choose one of {list(ROPE_CLS)}")
         if self.dim % self.n_head or (self.dim // self.n_head) % 4:
-            raise ValueError(f"dim {self.dim} / n_head {self.n_head} must give a head size divisible by 4 "
-                             "(2D RoPE rotates pairs in two halves)")
+            raise ConfigError(f"{MODEL_KEY}.dim {self.dim} / {MODEL_KEY}.n_head {self.n_head} must give a whole head "
+                              "size divisible by 4 (2D RoPE rotates pairs in two halves), e.g. dim = 64 * n_head")
 
     @property
     def block_size(self) -> int:
@@ -89,14 +116,9 @@ class GPTConfig:
         return m * math.ceil(8 * self.dim / 3 / m)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        """Build from a (Hydra) dict; an unknown key is an error (as ``TokenizerConfig.from_dict``)."""
-        from pipelines.errors import ConfigError  # a leaf module: the error class only
-
-        if unknown := set(d) - {f.name for f in fields(cls)}:
-            known = [f.name for f in fields(cls)]
-            raise ConfigError(f"unknown generator config keys {sorted(unknown)}; known: {known}")
-        return cls(**{k: (tuple(v) if k == "grid" else v) for k, v in d.items()})
+    def from_dict(cls, d: Any) -> GPTConfig:
+        """Build from a (Hydra) dict; an unknown key is a ``ConfigError`` naming it."""
+        return build_strict(cls, d, MODEL_KEY)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from generator.llama import LlamaGPT
+from pipelines.errors import ConfigError  # a leaf module: the error class only
 
 CFG_SCHEDULES = ("constant", "linear")
 
@@ -25,7 +26,7 @@ def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, schedule: str) -> 
         return cfg_scale
     if schedule == "linear":
         return 1.0 + (cfg_scale - 1.0) * step / max(num_steps - 1, 1)
-    raise ValueError(f"unknown cfg_schedule {schedule!r}; choose one of {CFG_SCHEDULES}")
+    raise ConfigError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {schedule!r}")
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:

@@ -31,6 +31,7 @@ line naming it. Nothing from a downloaded file is executed, and the output is sa
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 import re
@@ -46,8 +47,9 @@ from torch import Tensor, nn
 
 from generator.llama import GPTConfig, LlamaGPT
 from pipelines.checkpoint import MODEL_FILE, save_model, weights_hash
-from pipelines.cli import CONF_DIR, entry_point
+from pipelines.cli import CONF_DIR, entry_point, require_bool, require_choice, require_int, require_text
 from pipelines.errors import ConfigError, UserError
+from pipelines.schemas import GeneratorSection
 from pipelines.util import DirectoryLock, remove_stale_tmp
 from tokenizer.model import ImageTokenizer, TokenizerConfig, load_tokenizer
 
@@ -372,10 +374,25 @@ def convert_llamagen_vq(sd: dict[str, Tensor], image_size: int = 256,
 
 # ------------------------------------------------------------------------------------------- generators
 
-# n_head is not in the weights; the published sizes by (width, layers).
-IBQ_AR_SIZES = {(1024, 16): ("B", 16), (1280, 20): ("L", 20), (1536, 24): ("XL", 24), (1920, 30): ("XXL", 30)}
-LLAMAGEN_SIZES = {(768, 12): ("B", 12), (1024, 24): ("L", 16), (1280, 36): ("XL", 20), (1536, 48): ("XXL", 24),
-                  (3200, 24): ("3B", 32)}
+# n_head is not in the weights: the published sizes by (width, layers), read from conf/generator/<name>.yaml.
+IBQ_AR_SIZE_NAMES = ("B", "L", "XL", "XXL")  # the IBQ AR models; LlamaGen's GPTs are conf/generator/llamagen_*.yaml
+LLAMAGEN_PREFIX = "llamagen_"
+
+
+@functools.cache
+def published_sizes(family: str) -> dict[tuple[int, int], tuple[str, int]]:
+    """(dim, n_layer) -> (size name, n_head) of ``family`` "ibq" or "llamagen" from the generator YAML files (the
+    one home of the sizes); LlamaGen's names lose their ``llamagen_`` prefix ("B", ..., "3B")."""
+    if family == "ibq":
+        names = list(IBQ_AR_SIZE_NAMES)
+    else:
+        names = sorted(f.stem for f in (CONF_DIR / "generator").glob(f"{LLAMAGEN_PREFIX}*.yaml"))
+    table = {}
+    for name in names:
+        model = _generator_spec(name)["model"]
+        table[(model["dim"], model["n_layer"])] = (name.removeprefix(LLAMAGEN_PREFIX), model["n_head"])
+    return table
+
 
 # Official IBQ AdaLN rows: (gate_attn, gate_ffn, scale_attn, scale_ffn, shift_attn, shift_ffn); ours:
 # (shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn). Ours[j] = theirs[IBQ_ADALN_ORDER[j]].
@@ -390,16 +407,13 @@ def permute_chunks(t: Tensor, order: tuple[int, ...]) -> Tensor:
 
 
 def _generator_spec(name: str | None) -> dict[str, Any]:
-    """``conf/generator/<name>.yaml`` as Hydra composes it: the files its defaults list names (``_llama``), then
-    its own keys where ``_self_`` stands."""
+    """``conf/generator/<name>.yaml`` as Hydra composes it: the schema's defaults (``GPTConfig``'s, less the keys
+    the converter sets), then the file's own keys."""
     if name is None:
         return {}
-    folder = CONF_DIR / "generator"
-    spec = OmegaConf.load(folder / f"{name}.yaml")
-    merged = OmegaConf.create()
-    for entry in spec.pop("defaults", ["_self_"]):
-        merged = OmegaConf.merge(merged, spec if entry == "_self_" else OmegaConf.load(folder / f"{entry}.yaml"))
-    return OmegaConf.to_container(merged)
+    spec = OmegaConf.load(CONF_DIR / "generator" / f"{name}.yaml")
+    spec.pop("defaults", None)
+    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(GeneratorSection), spec))
 
 
 def _gpt_config(sd: dict[str, Tensor], prefix: str, tok: str, cls: str, layers_pat: str, w1: str,
@@ -441,7 +455,7 @@ def convert_ibq_ar(sd: dict[str, Tensor], config: dict[str, Any] | None = None, 
         raise ConversionError(f"{what}: use_pretrained_codebook models (embedding_projection.*) are not supported")
     params = _ibq_transformer_params(config)
     dim, n_layer = tsd["tok_emb.weight"].shape[1], _count(tsd, r"blocks\.(\d+)\.")
-    size = IBQ_AR_SIZES.get((dim, n_layer))
+    size = published_sizes("ibq").get((dim, n_layer))
     heads = n_head or params.get("n_head") or (size[1] if size else None)
     block_size = int(params.get("block_size", 256))
     side = math.isqrt(block_size)
@@ -494,12 +508,13 @@ def convert_llamagen_gpt(sd: dict[str, Tensor], image_size: int = 256, n_head: i
     if "cls_embedding.cap_proj.fc1.weight" in sd:
         raise ConversionError(f"{what}: text-conditional (t2i) models are not supported")
     dim, n_layer = sd["tok_embeddings.weight"].shape[1], _count(sd, r"layers\.(\d+)\.")
-    size = LLAMAGEN_SIZES.get((dim, n_layer))
+    size = published_sizes("llamagen").get((dim, n_layer))
     heads = n_head or (size[1] if size else None)
     if image_size % 16:
         raise ConversionError(f"{what}: image_size={image_size} is not a multiple of 16 (VQ-16 tokens)")
     side = image_size // 16
-    base = _generator_spec(f"llamagen_{size[0]}" if size else "llamagen_B")
+    base = _generator_spec(f"{LLAMAGEN_PREFIX}{size[0]}" if size else f"{LLAMAGEN_PREFIX}B")
+    base["model"].update(adaln=False, head_norm="rms", rope_cls="zero")  # LlamaGen's GPT, whatever the YAML says
     cfg = _gpt_config(sd, "", "tok_embeddings.weight", "cls_embedding.embedding_table.weight", r"layers\.(\d+)\.",
                       "layers.{}.feed_forward.w1.weight", heads, (side, side), base, what)
     if sd["layers.0.attention.wqkv.weight"].shape[0] != 3 * dim:
@@ -633,7 +648,19 @@ def _convert(source: str, src: str | Path, out: str | Path, config: str | None, 
     return summary
 
 
+def check_options(cfg: DictConfig) -> None:
+    if cfg.source is not None:  # null: convert() says which sources there are and what else to give
+        require_choice(cfg, "source", SOURCES)
+    for key in ("src", "out", "config", "tokenizer"):
+        require_text(cfg, key, optional=True)
+    for key in ("ema", "overwrite"):
+        require_bool(cfg, key)
+    require_int(cfg, "image_size", 16)
+    require_int(cfg, "n_head", 1, optional=True)
+
+
 def run(cfg: DictConfig) -> None:
+    check_options(cfg)
     summary = convert(cfg.source, cfg.src, cfg.out, cfg.config, cfg.ema, cfg.tokenizer, cfg.image_size, cfg.n_head,
                       cfg.overwrite)
     extra = f"; tokenizer -> {summary['tokenizer']}" if "tokenizer" in summary else ""

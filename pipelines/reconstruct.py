@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipelines.cli import entry_point, require_int
+from pipelines.cli import entry_point, require_int, require_text
 from pipelines.data import (
     IMAGE_EXTENSIONS,
     CorruptImageError,
@@ -26,6 +26,7 @@ from pipelines.data import (
     load_rgb,
     resize_and_crop,
 )
+from pipelines.errors import ConfigError
 from pipelines.images import psnr, save_png, save_rows, to_uint8
 from pipelines.progress import progress_bar
 from pipelines.util import atomic_write_text, claim_directory, evenly_spaced, pick_device
@@ -46,9 +47,17 @@ def list_images(spec: str | list[str]) -> list[Path]:
     return files
 
 
-def reconstruct(cfg: DictConfig) -> dict:
+def check_options(cfg: DictConfig) -> None:
     require_int(cfg, "batch_size", 1)
     require_int(cfg, "max_images", 1, optional=True)
+    for key in ("tokenizer", "out", "device"):
+        require_text(cfg, key)
+    if OmegaConf.is_missing(cfg, "input"):
+        raise ConfigError("input is required: input=<image | folder | [a.png, b.png]>")
+
+
+def reconstruct(cfg: DictConfig) -> dict:
+    check_options(cfg)
     device = pick_device(cfg.device)
     model = load_tokenizer(cfg.tokenizer, device)
     files = list_images(cfg.input)

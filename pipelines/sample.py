@@ -19,7 +19,7 @@ import torch
 from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.cli import entry_point, require_int
+from pipelines.cli import entry_point, require_bool, require_int, require_text
 from pipelines.generate import (
     SAMPLING_KEYS,
     check_sampling_options,
@@ -42,6 +42,12 @@ def check_options(cfg: DictConfig) -> None:
         require_int(cfg, key, 1)
     require_int(cfg, "seed", 0)
     check_sampling_options({k: cfg[k] for k in SAMPLING_KEYS})
+    require_text(cfg, "demo_ckpt")
+    for key in ("ckpt", "tokenizer", "out"):
+        require_text(cfg, key, optional=True)
+    for key in ("use_cache", "save_png", "save_npz"):
+        require_bool(cfg, key)
+    require_text(cfg, "device")
 
 
 def sample(cfg: DictConfig) -> dict:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from pipelines.checkpoint import save_model
+from pipelines.cli import load_config
 from pipelines.demo_data import make_demo_dataset
 from pipelines.tokens.extract import extract
 from tokenizer.model import ImageTokenizer, TokenizerConfig
@@ -53,14 +53,13 @@ def demo_root(tmp_path_factory) -> Path:
 
 
 def compose_config(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose(config_name=name, overrides=overrides)
+    """conf/<name>.yaml composed as the entry point composes it (schemas registered, errors as ConfigError)."""
+    return load_config(name, overrides)
 
 
 def tool_config(name: str, overrides: list[str]):
     """A per-tool config from conf/tools/ (its own search path, so `tokenizer=`, `data=` are plain keys)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "tools"), version_base=None):
-        return compose(config_name=name, overrides=overrides)
+    return load_config(name, overrides, tool=True)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -18,8 +17,8 @@ sys.path.insert(0, str(ROOT))
 pipeline = sys.argv[1]
 module = {"train_tokenizer": "pipelines.train.tokenizer", "train_ar": "pipelines.train.ar"}[pipeline]
 train = importlib.import_module(module).train
-with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-    cfg = compose(config_name=pipeline, overrides=sys.argv[2:])
+load_config = importlib.import_module("pipelines.cli").load_config
+cfg = load_config(pipeline, sys.argv[2:])
 torch.set_num_threads(1)
 out = train(cfg)
 dump = Path(os.environ["DUMP_DIR"])

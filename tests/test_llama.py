@@ -13,7 +13,7 @@ REFERENCE_PARAMS = {"B": 342e6, "L": 649e6, "XL": 1.1e9, "XXL": 2.1e9}
 
 
 def generator_spec(name: str) -> dict:
-    """conf/generator/<name>.yaml composed as training composes it (with its `_llama` defaults)."""
+    """conf/generator/<name>.yaml composed as training composes it (over its schema: GPTConfig's defaults)."""
     return OmegaConf.to_container(compose_config("train_ar", [f"generator={name}"]).generator)
 
 
@@ -189,14 +189,12 @@ def test_head_norm_and_class_rope_options():
         GPTConfig(rope_cls="one")
 
 
-def test_config_without_the_new_keys_keeps_todays_model():
-    old = {"vocab_size": 32, "num_classes": 5, "grid": [3, 4], "dim": 32, "n_layer": 2, "n_head": 4,
-           "ffn_multiple_of": 16, "adaln": True}
-    cfg = GPTConfig.from_dict(old)
-    assert (cfg.head_norm, cfg.rope_cls) == ("adaln", "identity")
-    model = LlamaGPT(cfg)
-    assert "final_norm.norm.weight" not in model.state_dict()
-    assert torch.equal(model.rope[0], torch.stack([torch.ones(4), torch.zeros(4)], -1))
+def test_config_defaults_are_the_official_ibq_choices():
+    """GPTConfig is the one home of the defaults: a config that leaves head_norm / rope_cls out is IBQ's model."""
+    cfg = GPTConfig.from_dict({"vocab_size": 32, "num_classes": 5, "grid": [3, 4], "dim": 32, "n_layer": 2,
+                               "n_head": 4, "ffn_multiple_of": 16})
+    assert (cfg.head_norm, cfg.rope_cls, cfg.adaln) == ("adaln_rms", "zero", True)
+    assert "final_norm.norm.weight" in LlamaGPT(cfg).state_dict()
 
 
 def test_config_from_dict_refuses_unknown_keys():

@@ -8,6 +8,7 @@ import torch
 import torchvision
 
 import tokenizer.perceptual as perceptual
+from pipelines.errors import CorruptFileError
 from tokenizer.perceptual import (
     PERCEPTUAL_KINDS,
     STLPIPSVGG,
@@ -149,7 +150,7 @@ def test_lpips_explicit_path_and_wrong_file(vgg16_state, tmp_path):
     assert build_perceptual("lpips_vgg", str(hub / "checkpoints" / VGG16_FILE)) is not None
     wrong = tmp_path / "wrong.pth"
     torch.save({k: v for k, v in state.items() if k.startswith("features.") and k != "features.28.weight"}, wrong)
-    with pytest.raises(RuntimeError, match="not torchvision's VGG16"):
+    with pytest.raises(CorruptFileError, match="not torchvision.s VGG16"):  # a user error: one line
         build_perceptual("lpips_vgg", str(wrong))
 
 

@@ -193,7 +193,7 @@ def _tokenizer_config(*overrides):
 
 
 def test_config_selects_implementation():
-    args = "+tokenizer.model.quantizer_args"
+    args = "tokenizer.model.quantizer_args"  # every IBQConfig option is in the composed config: no "+" needed
     cfg = _tokenizer_config("tokenizer.model.num_codes=100", f"{args}.impl=tiled", f"{args}.code_tile=33",
                             f"{args}.pos_tile=9")
     tiled = ImageTokenizer(cfg)

@@ -7,16 +7,25 @@ Two entry points mirror the two optimizer steps: ``discriminator_loss`` (run fir
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipelines.errors import ConfigError  # leaf modules: the error class and the option checks only
+from pipelines.options import build_strict, fields_of, require_choice, require_int, require_number, require_text
+from tokenizer.perceptual import PERCEPTUAL_KINDS
 from tokenizer.quantizer import QuantizerOutput
+
+LOSS_KEY = "tokenizer.loss"  # where the objective's settings sit in a run's config
 
 
 @dataclass
 class LossConfig:
+    """The training objective's weights. Defaults are the ImageNet reference recipe (the one home of these values;
+    conf/tokenizer/*.yaml state only what differs)."""
+
     pixel_weight: float = 1.0
     perceptual: str = "lpips_vgg"  # lpips_vgg | stlpips_vgg (alternative, not LPIPS) | none
     perceptual_weight: float = 1.0
@@ -29,6 +38,26 @@ class LossConfig:
     lecam_decay: float = 0.999
     disc_channels: int = 64
     disc_layers: int = 3
+
+    def __post_init__(self) -> None:
+        v = fields_of(self, LOSS_KEY)
+        for name in ("pixel_weight", "perceptual_weight", "disc_weight", "disc_factor", "lecam_weight"):
+            require_number(v, f"{LOSS_KEY}.{name}", 0)
+        require_number(v, f"{LOSS_KEY}.gen_weight", 0, optional=True)
+        require_number(v, f"{LOSS_KEY}.lecam_decay", 0, 1, high_open=True)
+        require_choice(v, f"{LOSS_KEY}.perceptual", PERCEPTUAL_KINDS)
+        require_text(v, f"{LOSS_KEY}.vgg_weights", optional=True)
+        require_int(v, f"{LOSS_KEY}.disc_start", 0)
+        require_int(v, f"{LOSS_KEY}.disc_channels", 1)
+        require_int(v, f"{LOSS_KEY}.disc_layers", 1)
+        if self.perceptual == "none" and self.perceptual_weight > 0:
+            raise ConfigError(f"{LOSS_KEY}.perceptual_weight > 0 needs a perceptual network "
+                              f"({LOSS_KEY}.perceptual=none given); set {LOSS_KEY}.perceptual_weight=0")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> LossConfig:
+        """Build from a (Hydra) dict; an unknown key is a ``ConfigError`` naming it."""
+        return build_strict(cls, d, LOSS_KEY)
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
@@ -59,7 +88,8 @@ class TokenizerLoss(nn.Module):
     def __init__(self, cfg: LossConfig, perceptual: nn.Module | None) -> None:
         super().__init__()
         if cfg.perceptual_weight > 0 and perceptual is None:
-            raise ValueError("perceptual_weight > 0 needs a perceptual network (loss.perceptual=none given)")
+            raise ConfigError(f"{LOSS_KEY}.perceptual_weight > 0 needs a perceptual network "
+                              f"({LOSS_KEY}.perceptual={cfg.perceptual} built none)")
         self.cfg = cfg
         self.perceptual = perceptual
         self.register_buffer("lecam_ema_real", torch.zeros(()))

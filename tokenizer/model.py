@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pipelines.errors import ConfigError  # a leaf module: the error class only
+from pipelines.errors import ConfigError  # leaf modules: the error class and the option checks only
+from pipelines.options import build_strict, fields_of, require_bool, require_int, require_int_list, require_number
 from tokenizer.autoencoder import ConvStack, Decoder, Encoder
-from tokenizer.quantizer import Quantizer, QuantizerOutput, build_quantizer
+from tokenizer.quantizer import Quantizer, QuantizerOutput, build_quantizer, quantizer_config
+
+MODEL_KEY = "tokenizer.model"  # where the architecture sits in a run's config
 
 
 @dataclass
 class TokenizerConfig:
-    """Architecture of one tokenizer. Defaults are the ImageNet 256 reference (16x16 tokens)."""
+    """Architecture of one tokenizer. Defaults are the ImageNet 256 reference (16x16 tokens): the one home of these
+    values; conf/tokenizer/*.yaml extend this schema and state only what differs (``pipelines.schemas``)."""
 
     resolution: int = 256
     base_channels: int = 128
@@ -26,33 +30,39 @@ class TokenizerConfig:
     z_channels: int = 256
     embed_dim: int = 256
     dropout: float = 0.0
-    norm_group_channels: int = 4  # GroupNorm: at least this many channels per group (see autoencoder.py)
+    norm_group_channels: int = 4  # GroupNorm: at least this many channels per group (1 = the reference's)
     mid_block: bool = True  # the res + attention + res block at the lowest resolution (reference: on)
     num_codes: int = 16384
-    quantizer: str = "ibq"
-    quantizer_args: dict[str, Any] = field(default_factory=dict)  # beta, entropy weights, ...
+    quantizer: str = "ibq"  # see tokenizer.quantizer.QUANTIZERS
+    quantizer_args: dict[str, Any] = field(default_factory=dict)  # the quantizer's options (IBQConfig / VQConfig)
 
     def __post_init__(self) -> None:
+        v = fields_of(self, MODEL_KEY)
+        for name, low in (("resolution", 8), ("base_channels", 1), ("enc_res_blocks", 0), ("dec_res_blocks", 0),
+                          ("z_channels", 1), ("embed_dim", 1), ("norm_group_channels", 1), ("num_codes", 2)):
+            require_int(v, f"{MODEL_KEY}.{name}", low)
+        require_int_list(v, f"{MODEL_KEY}.channel_mult", 1)
+        require_int_list(v, f"{MODEL_KEY}.attn_resolutions", 1)
+        require_number(v, f"{MODEL_KEY}.dropout", 0, 1, high_open=True)
+        require_bool(v, f"{MODEL_KEY}.mid_block")
+        self.channel_mult, self.attn_resolutions = tuple(self.channel_mult), tuple(self.attn_resolutions)
+        if not self.channel_mult:
+            raise ConfigError(f"{MODEL_KEY}.channel_mult must list at least one level, got []")
+        if self.resolution % self.downsample:
+            raise ConfigError(f"{MODEL_KEY}.resolution {self.resolution} must be a multiple of the downsampling "
+                              f"factor {self.downsample} (2 ** (len(channel_mult) - 1))")
         widths_change = len(set(self.channel_mult)) > 1
         if widths_change and min(self.enc_res_blocks, self.dec_res_blocks) < 1:
-            raise ConfigError(f"channel_mult {list(self.channel_mult)} changes width between levels, which a residual "
-                              "block does; enc_res_blocks and dec_res_blocks must be >= 1 (0 needs equal multipliers)")
+            raise ConfigError(f"{MODEL_KEY}.channel_mult {list(self.channel_mult)} changes width between levels, "
+                              f"which a residual block does; {MODEL_KEY}.enc_res_blocks and dec_res_blocks must be "
+                              ">= 1 (0 needs equal multipliers)")
+        self.quantizer_args = dict(self.quantizer_args or {})
+        quantizer_config(self.quantizer, self.quantizer_args)  # the quantizer's own options, checked here
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown tokenizer config keys {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
-        # Configs written before the option existed had one channel per group in narrow layers; keep them exact.
-        d.setdefault("norm_group_channels", 1)
-        for key in ("channel_mult", "attn_resolutions"):
-            if key in d:
-                d[key] = tuple(d[key])
-        if "quantizer_args" in d:
-            d["quantizer_args"] = dict(d["quantizer_args"])
-        return cls(**d)
+    def from_dict(cls, d: Any) -> TokenizerConfig:
+        """Build from a (Hydra) dict; an unknown key is a ``ConfigError`` naming it."""
+        return build_strict(cls, d, MODEL_KEY)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,7 +116,7 @@ def load_tokenizer(directory, device: str | torch.device = "cpu") -> ImageTokeni
 
     state, config = load_model(directory)
     if "tokenizer" not in config or "model" not in config["tokenizer"]:
-        raise ValueError(f"{directory} is not a tokenizer checkpoint (config has no tokenizer.model)")
+        raise ConfigError(f"{directory} is not a tokenizer checkpoint (config has no tokenizer.model)")
     model = ImageTokenizer(TokenizerConfig.from_dict(config["tokenizer"]["model"]))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, CorruptFileError, UserError
 
 PERCEPTUAL_KINDS = ("lpips_vgg", "stlpips_vgg", "none")
 
@@ -84,12 +84,15 @@ def _load_vgg16_trunk(trunk: nn.Module, state: dict[str, Tensor], source: Path) 
             continue  # the classifier is not part of LPIPS
         _, idx, rest = key.split(".", 2)
         if idx not in slice_of:
-            raise RuntimeError(f"{source}: '{key}' has no place in LPIPS' VGG16 trunk; is this {VGG16_FILE}?")
+            raise CorruptFileError(f"{source}: '{key}' has no place in LPIPS' VGG16 trunk; tokenizer.loss.vgg_weights "
+                                   f"must be torchvision's {VGG16_FILE}")
         mapped[f"{slice_of[idx]}.{idx}.{rest}"] = value
     try:
         trunk.load_state_dict(mapped, strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f"{source} is not torchvision's VGG16 ImageNet file ({VGG16_FILE}): {e}") from e
+        first = str(e).splitlines()[0]
+        raise CorruptFileError(f"{source} is not torchvision's VGG16 ImageNet file ({VGG16_FILE}; "
+                               f"tokenizer.loss.vgg_weights): {first}") from e
 
 
 class LPIPSVGG(_FrozenMetric):
@@ -236,4 +239,4 @@ def build_perceptual(kind: str, vgg_weights: str | None = None) -> nn.Module | N
         return STLPIPSVGG(_stlpips_weights())
     if kind == "none":
         return None
-    raise ValueError(f"unknown perceptual kind {kind!r}; valid kinds: {', '.join(PERCEPTUAL_KINDS)}")
+    raise ConfigError(f"tokenizer.loss.perceptual must be one of {', '.join(PERCEPTUAL_KINDS)}, got {kind!r}")

@@ -18,7 +18,7 @@ online log-sum-exp and recomputes the logits in backward (see ``_TiledIBQ``); ``
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from pipelines.errors import ConfigError  # a leaf module: the error class only
+from pipelines.errors import ConfigError  # leaf modules: the error class and the option checks only
+from pipelines.options import build_strict, fields_of, require_bool, require_choice, require_int, require_number
 
 ENTROPY_EPS = 1e-10  # guards log(0) in the exact batch-average entropy when a code's mean probability underflows
 # The official IBQ code (like MAGVIT-2's) computes the batch-average entropy as -sum(p * log(p + 1e-5)).
@@ -328,6 +329,61 @@ class _TiledIBQ(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+QUANTIZER_ARGS = "tokenizer.model.quantizer_args"  # where a quantizer's options sit in the tokenizer config
+
+
+@dataclass
+class IBQConfig:
+    """IBQ's options (``tokenizer.model.quantizer_args`` with ``quantizer: ibq``); defaults = the official code's."""
+
+    beta: float = 0.25  # weight of the codebook term (or of the commitment term: beta_on_codebook=false)
+    beta_on_codebook: bool = True  # the reference code; false = the paper's equation
+    quant_weight: float = 1.0
+    entropy_weight: float = 0.05
+    entropy_temperature: float = 0.01
+    sample_entropy_weight: float = 1.0
+    batch_entropy_weight: float = 1.0
+    entropy_eps: float = OFFICIAL_ENTROPY_EPS  # 0 = the exact batch entropy
+    init_std: float = 1.0  # codebook N(0, init_std^2)
+    impl: str = "auto"  # naive | tiled | auto (tiled from TILED_MIN_CODES codes on): same values and gradients
+    code_tile: int = 4096  # codes per tile of the tiled kernel
+    pos_tile: int = 8192  # positions per tile
+
+    def __post_init__(self) -> None:
+        v = fields_of(self, QUANTIZER_ARGS)
+        for name in ("beta", "quant_weight", "entropy_weight", "sample_entropy_weight", "batch_entropy_weight",
+                     "entropy_eps"):
+            require_number(v, f"{QUANTIZER_ARGS}.{name}", 0)
+        for name in ("entropy_temperature", "init_std"):
+            require_number(v, f"{QUANTIZER_ARGS}.{name}", 0, low_open=True)
+        require_bool(v, f"{QUANTIZER_ARGS}.beta_on_codebook")
+        require_choice(v, f"{QUANTIZER_ARGS}.impl", IMPLS)
+        require_int(v, f"{QUANTIZER_ARGS}.code_tile", 1)
+        require_int(v, f"{QUANTIZER_ARGS}.pos_tile", 1)
+        self.entropy_eps, self.init_std = float(self.entropy_eps), float(self.init_std)
+
+
+@dataclass
+class VQConfig:
+    """The VQ baseline's options (``quantizer: vq``)."""
+
+    beta: float = 0.25  # weight of the commitment term
+    quant_weight: float = 1.0
+    l2_norm: bool = False  # LlamaGen's VQ: latents and codes l2-normalised
+
+    def __post_init__(self) -> None:
+        v = fields_of(self, QUANTIZER_ARGS)
+        require_number(v, f"{QUANTIZER_ARGS}.beta", 0)
+        require_number(v, f"{QUANTIZER_ARGS}.quant_weight", 0)
+        require_bool(v, f"{QUANTIZER_ARGS}.l2_norm")
+
+
+def _options(cls: type, cfg: Any, options: dict[str, Any]) -> Any:
+    """``cfg`` (default ``cls()``) with single fields replaced by keyword ``options`` (checked as config keys)."""
+    cfg = cfg if cfg is not None else cls()
+    return build_strict(cls, {**dataclasses.asdict(cfg), **options}, QUANTIZER_ARGS) if options else cfg
+
+
 class IBQuantizer(nn.Module):
     """Index Backpropagation Quantizer.
 
@@ -345,42 +401,20 @@ class IBQuantizer(nn.Module):
     ``TILED_MIN_CODES`` codes on. The quantizer always runs in float32, also under autocast.
     """
 
-    def __init__(
-        self,
-        num_codes: int,
-        dim: int,
-        beta: float = 0.25,
-        beta_on_codebook: bool = True,
-        quant_weight: float = 1.0,
-        entropy_weight: float = 0.05,
-        entropy_temperature: float = 0.01,
-        sample_entropy_weight: float = 1.0,
-        batch_entropy_weight: float = 1.0,
-        impl: str = "auto",
-        code_tile: int = 4096,
-        pos_tile: int = 8192,
-        entropy_eps: float = OFFICIAL_ENTROPY_EPS,
-        init_std: float = 1.0,
-    ) -> None:
+    def __init__(self, num_codes: int, dim: int, cfg: IBQConfig | None = None, **options: Any) -> None:
+        """``cfg`` holds the options (``IBQConfig``); keyword ``options`` replace single fields of it."""
         super().__init__()
-        if float(init_std) <= 0:
-            raise ValueError(f"init_std must be > 0, got {init_std}")
-        if float(entropy_eps) < 0:
-            raise ValueError(f"entropy_eps must be >= 0 (0 = exact entropy), got {entropy_eps}")
-        if impl not in IMPLS:
-            raise ValueError(f"unknown IBQ impl {impl!r}; choose one of {list(IMPLS)}")
-        if int(code_tile) < 1 or int(pos_tile) < 1:
-            raise ValueError(f"code_tile and pos_tile must be positive, got {code_tile} and {pos_tile}")
+        self.cfg = cfg = _options(IBQConfig, cfg, options)
         self.num_codes, self.dim = num_codes, dim
-        self.beta, self.beta_on_codebook = beta, beta_on_codebook
-        self.quant_weight, self.entropy_weight = quant_weight, entropy_weight
-        self.entropy_temperature, self.entropy_eps = entropy_temperature, float(entropy_eps)
-        self.sample_entropy_weight, self.batch_entropy_weight = sample_entropy_weight, batch_entropy_weight
-        self.impl, self.code_tile, self.pos_tile = impl, int(code_tile), int(pos_tile)
+        self.beta, self.beta_on_codebook = cfg.beta, cfg.beta_on_codebook
+        self.quant_weight, self.entropy_weight = cfg.quant_weight, cfg.entropy_weight
+        self.entropy_temperature, self.entropy_eps = cfg.entropy_temperature, cfg.entropy_eps
+        self.sample_entropy_weight, self.batch_entropy_weight = cfg.sample_entropy_weight, cfg.batch_entropy_weight
+        self.impl, self.code_tile, self.pos_tile = cfg.impl, cfg.code_tile, cfg.pos_tile
         self.embedding = nn.Embedding(num_codes, dim)  # N(0, 1) init, as the reference
-        if float(init_std) != 1.0:  # scaled rather than redrawn: the same seed gives the same codes' directions
+        if cfg.init_std != 1.0:  # scaled rather than redrawn: the same seed gives the same codes' directions
             with torch.no_grad():
-                self.embedding.weight.mul_(float(init_std))
+                self.embedding.weight.mul_(cfg.init_std)
 
     @property
     def tiled(self) -> bool:
@@ -484,9 +518,10 @@ class VectorQuantizer(nn.Module):
     ``lookup`` return unit-length codes.
     """
 
-    def __init__(self, num_codes: int, dim: int, beta: float = 0.25, quant_weight: float = 1.0,
-                 l2_norm: bool = False) -> None:
+    def __init__(self, num_codes: int, dim: int, cfg: VQConfig | None = None, **options: Any) -> None:
         super().__init__()
+        self.cfg = cfg = _options(VQConfig, cfg, options)
+        beta, quant_weight, l2_norm = cfg.beta, cfg.quant_weight, cfg.l2_norm
         self.num_codes, self.dim = num_codes, dim
         self.beta, self.quant_weight, self.l2_norm = beta, quant_weight, bool(l2_norm)
         self.embedding = nn.Embedding(num_codes, dim)
@@ -538,18 +573,27 @@ class VectorQuantizer(nn.Module):
         yield self.embedding.weight
 
 
-QUANTIZERS = {"ibq": IBQuantizer, "vq": VectorQuantizer}
+# name -> (module, its options dataclass)
+QUANTIZERS: dict[str, tuple[type[nn.Module], type]] = {"ibq": (IBQuantizer, IBQConfig),
+                                                       "vq": (VectorQuantizer, VQConfig)}
 
 
-def build_quantizer(kind: str, num_codes: int, dim: int, args: dict[str, Any] | None = None) -> Quantizer:
-    """Quantizer by config name; an argument the chosen quantizer does not take is an error, not dropped."""
+def quantizer_config(kind: str, args: Any = None) -> IBQConfig | VQConfig:
+    """The options of quantizer ``kind`` from ``quantizer_args``; an unknown kind, an option the quantizer does not
+    take or a bad value is a ``ConfigError`` naming the key."""
     if kind not in QUANTIZERS:
-        raise ConfigError(f"unknown quantizer {kind!r}; choose one of {sorted(QUANTIZERS)}")
-    cls = QUANTIZERS[kind]
-    accepted = set(inspect.signature(cls).parameters) - {"num_codes", "dim"}
-    unknown = set(args or {}) - accepted
-    if unknown:
-        raise ConfigError(f"quantizer {kind!r} takes no argument(s) {sorted(unknown)}; it takes {sorted(accepted)} "
-                         "(to switch quantizer, replace its arguments: '~tokenizer.model.quantizer_args' "
-                         "'+tokenizer.model.quantizer_args={...}')")
-    return cls(num_codes=num_codes, dim=dim, **(args or {}))
+        raise ConfigError(f"tokenizer.model.quantizer must be one of {', '.join(sorted(QUANTIZERS))}, got {kind!r}")
+    options = QUANTIZERS[kind][1]
+    try:
+        return build_strict(options, args, QUANTIZER_ARGS)
+    except ConfigError as err:
+        if "unknown option" not in str(err):
+            raise
+        raise ConfigError(f"quantizer {kind!r}: {err} (to switch quantizer, replace its arguments: "
+                          f"{QUANTIZER_ARGS}=null '{QUANTIZER_ARGS}={{...}}')") from None
+
+
+def build_quantizer(kind: str, num_codes: int, dim: int, args: Any = None) -> Quantizer:
+    """Quantizer by config name; an argument the chosen quantizer does not take is an error, not dropped."""
+    options = quantizer_config(kind, args)
+    return QUANTIZERS[kind][0](num_codes, dim, options)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from pipelines.data import collate_images
-from pipelines.eval.demo_classifier import load_demo_classifier, per_class_accuracy
+from pipelines.eval.demo_classifier import DEMO_CLASSIFIER_DIR, load_demo_classifier, per_class_accuracy
 from pipelines.eval.metrics import (
     FeatureStats,
     ImageArrayError,
@@ -50,7 +50,7 @@ class ReconRecognition:
     recognised as a red circle" is the figure that says whether the tokens carry the class.
     """
 
-    def __init__(self, data_root: str | Path, cache_dir: str | Path = "runs/demo_classifier",
+    def __init__(self, data_root: str | Path, cache_dir: str | Path = DEMO_CLASSIFIER_DIR,
                  device: str | torch.device = "cpu") -> None:
         self.classifier, info = load_demo_classifier(data_root, cache_dir, device)
         self.names: list[str] = list(info["classes"])

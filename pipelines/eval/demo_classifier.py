@@ -22,11 +22,13 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from pipelines.checkpoint import MODEL_FILE, load_model, save_model
-from pipelines.cli import entry_point
+from pipelines.cli import entry_point, require_bool, require_int, require_text
 from pipelines.data import DatasetNotFoundError, load_rgb, resize_and_crop, scan_image_folder
 from pipelines.demo_data import META_FILE
 from pipelines.images import to_uint8
 from pipelines.progress import progress_bar
+
+DEMO_CLASSIFIER_DIR = "runs/demo_classifier"  # the shared cache; YAML: ${demo_classifier_dir:} (pipelines/cli.py)
 
 
 @dataclass
@@ -188,7 +190,7 @@ def _cache_key(root: Path, cfg: ClassifierConfig) -> dict[str, Any]:
     return {"data": data, "classifier": asdict(cfg)}
 
 
-def load_or_train(root: str | Path, cache_dir: str | Path = "runs/demo_classifier",
+def load_or_train(root: str | Path, cache_dir: str | Path = DEMO_CLASSIFIER_DIR,
                   cfg: ClassifierConfig | None = None, device: str | torch.device = "cpu",
                   retrain: bool = False) -> tuple[DemoClassifier, dict[str, Any]]:
     """The cached classifier for this dataset and config, training (and caching) it first when needed."""
@@ -214,7 +216,17 @@ def load_demo_classifier(root: str | Path, cache_dir: str | Path, device: str | 
     return load_or_train(root, cache_dir, ClassifierConfig(resolution=size, epochs=epochs), device)
 
 
+def check_options(cfg: DictConfig) -> None:
+    for key in ("data", "out"):
+        require_text(cfg, key)
+    require_int(cfg, "resolution", 8)
+    require_int(cfg, "epochs", 1)
+    require_int(cfg, "seed", 0)
+    require_bool(cfg, "retrain")
+
+
 def report(cfg: DictConfig) -> None:
+    check_options(cfg)
     ccfg = ClassifierConfig(resolution=cfg.resolution, epochs=cfg.epochs, seed=cfg.seed)
     _, summary = load_or_train(cfg.data, cfg.out, ccfg, retrain=cfg.retrain)
     how = "cached" if summary["cached"] else f"trained in {summary['train_seconds']} s"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from pipelines.cli import entry_point, require_choice, require_int
+from pipelines.cli import entry_point, require_bool, require_choice, require_int, require_text
 from pipelines.errors import ConfigError
 from pipelines.eval.demo import run_demo
 from pipelines.eval.inception import CONVERTED_FILE, inception_cache_dir, prepare_inception_weights
@@ -64,6 +64,14 @@ def check_options(cfg: DictConfig) -> None:
     require_int(cfg, "resolution", 8, optional=True)
     require_int(cfg, "seed", 0)
     check_sampling_options({k: cfg[k] for k in SAMPLING_KEYS})
+    for key in ("samples", "ref", "save_stats", "stats_cache", "weights", "results", "tokenizer", "data", "ar",
+                "save_samples", "vgg_weights"):
+        require_text(cfg, key, optional=True)
+    for key in ("split", "device", "demo_data", "classifier"):
+        require_text(cfg, key)
+    for key in ("allow_resolution_mismatch", "prepare_weights"):
+        require_bool(cfg, key)
+    require_choice(cfg, "lpips", ("auto", True, False))
 
 
 def evaluate(cfg: DictConfig) -> dict | None:

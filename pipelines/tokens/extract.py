@@ -47,9 +47,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.checkpoint import load_config, weights_hash
-from pipelines.cli import entry_point, require_choice, require_int
+from pipelines.cli import entry_point, require_bool, require_choice, require_int, require_number, require_text
 from pipelines.data import load_rgb_or_skip, resize_and_crop, scan_image_folder
 from pipelines.progress import progress_bar
+from pipelines.schemas import check_data
 from pipelines.tokens.shards import (
     MANIFEST_FILE,
     TOKEN_SHARD_FORMAT,
@@ -216,8 +217,14 @@ def check_options(cfg: DictConfig) -> None:
     for key in ("max_images", "stop_after_shards"):
         require_int(cfg, key, 1, optional=True)
     require_int(cfg, "resolution", 8, optional=True)
-    require_choice(cfg, "data.on_corrupt", ("skip", "error"))
     require_choice(cfg, "overwrite", (True, False))
+    for key in ("tokenizer_ckpt", "split", "out_dir"):
+        require_text(cfg, key)
+    for key in ("variants.flip", "variants.ten_crop", "cpu"):
+        require_bool(cfg, key)
+    require_number(cfg, "variants.ten_crop_scale", 1)
+    require_choice(cfg, "mixed_precision", ("no", "bf16", "fp16"))
+    check_data(cfg)  # the data section (root, splits, resolution, on_corrupt, workers)
 
 
 def _prepare(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:

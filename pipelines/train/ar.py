@@ -36,6 +36,7 @@ from pipelines.ema import EMA
 from pipelines.errors import ConfigError
 from pipelines.progress import progress_bar
 from pipelines.run_log import RunLogger
+from pipelines.schemas import check_ar_run
 from pipelines.tokens.shards import ShardManifest, TokenShardDataset
 from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, due, lr_setter, start_run, train_batches
 
@@ -65,9 +66,7 @@ def resolve_mixed_precision(name: str) -> str:
 def model_config(cfg: DictConfig, manifest: ShardManifest, saved: dict[str, Any] | None = None) -> GPTConfig:
     """The generator config with vocabulary, classes and grid taken from the shard manifest.
 
-    ``saved`` (resuming: the run's own ``config.yaml``) is the architecture the run was built with; its
-    missing keys take ``GPTConfig``'s defaults, the behaviour of the code that wrote it (e.g. a run started
-    before ``head_norm`` / ``rope_cls`` existed keeps ``adaln`` / ``identity``), not today's YAML values."""
+    ``saved`` (resuming: the run's own ``config.yaml``) is the architecture the run was built with."""
     spec = saved["generator"]["model"] if saved else OmegaConf.to_container(cfg.generator.model, resolve=True)
     spec = {k: v for k, v in spec.items() if k not in ("vocab_size", "num_classes", "grid")}
     return GPTConfig.from_dict({**spec, "vocab_size": manifest.num_codes, "num_classes": manifest.num_classes,
@@ -97,7 +96,8 @@ def train(cfg: DictConfig) -> TrainOutcome:
     clobbering: ``pipelines.train.loop.claim_run_dir``), then training."""
     t = cfg.train
     return start_run(cfg, lambda: Accelerator(mixed_precision=resolve_mixed_precision(t.mixed_precision),
-                                              gradient_accumulation_steps=t.grad_accum, cpu=t.cpu), _train)
+                                              gradient_accumulation_steps=t.grad_accum, cpu=t.cpu), _train,
+                     check_ar_run)  # every key but the shared ones (pipelines/schemas.py)
 
 
 def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:

@@ -24,13 +24,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.cli import entry_point, require_choice, require_int
+from pipelines.cli import entry_point, require_int
 from pipelines.data import EpochBatchSampler, ImageFolderDataset, collate_images, make_loader, save_class_index
 from pipelines.ema import EMA
 from pipelines.eval.recon import evaluate_reconstruction
 from pipelines.images import save_rows
 from pipelines.progress import progress_bar
 from pipelines.run_log import RunLogger
+from pipelines.schemas import check_tokenizer_run
 from pipelines.train.loop import (
     Checkpointer,
     Progress,
@@ -57,11 +58,9 @@ def lr_factor(step: int, warmup_steps: int, milestones_steps: list[int], decay: 
 
 def check_options(cfg: DictConfig) -> None:
     """The tokenizer's own options (the shared ones: ``pipelines.train.loop.check_train_options``)."""
-    require_int(cfg, "tokenizer.model.num_codes", 2)
-    require_int(cfg, "data.resolution", 8)
     require_int(cfg, "image_every", 1)
     require_int(cfg, "eval_max_images", 1, optional=True)
-    require_choice(cfg, "data.on_corrupt", ("skip", "error"))
+    check_tokenizer_run(cfg)  # every other key, the model and loss dataclasses built strictly (pipelines/schemas.py)
 
 
 def train(cfg: DictConfig) -> TrainOutcome:
@@ -81,7 +80,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
 
     # Models, loss, optimizers (the codebook may have its own lr multiplier).
     model_cfg = TokenizerConfig.from_dict(config["tokenizer"]["model"])
-    loss_cfg = LossConfig(**config["tokenizer"]["loss"])
+    loss_cfg = LossConfig.from_dict(config["tokenizer"]["loss"])
     perceptual = build_perceptual(loss_cfg.perceptual, loss_cfg.vgg_weights) if loss_cfg.perceptual_weight > 0 \
         else None
     model = ImageTokenizer(model_cfg)
