@@ -137,9 +137,9 @@ def check_tokenizer_run(cfg: DictConfig) -> None:
     """Every key of conf/train_tokenizer.yaml that ``check_train_options`` and the trainer's ``check_options`` leave
     out: the model and loss built as the trainer builds them, the data section, the optimizer's settings."""
     require_text(cfg, "tokenizer.name")
+    check_data(cfg)  # first: the model's resolution interpolates data.resolution
     TokenizerConfig.from_dict(cfg.tokenizer.model)
     LossConfig.from_dict(cfg.tokenizer.loss)
-    check_data(cfg)
     _check_train_common(cfg, ("no", "fp16", "bf16"))
     require_number(cfg, "train.disc_lr", 0, low_open=True)
     require_number(cfg, "train.codebook_lr_mult", 0)
