@@ -16,9 +16,11 @@ What cannot run under the fake mode, and how it is covered instead:
 * ``torch.Generator(device="cuda")`` needs the driver, so the per-sample generators of ``pipelines.generate``
   (``sample_generators``) cannot be made; ``generate`` runs with ``generator=None`` (``torch.multinomial``)
   on fake CUDA and the per-row inverse-CDF draw is checked on the CPU (``test_per_row_generators_on_cpu``).
-* data-dependent ops (``bincount`` in the codebook statistics, ``multinomial``, ``.tolist()``) run because the
-  mode has a ``ShapeEnv``: their sizes / values become unbacked symbols instead of raising
-  ``DynamicOutputShapeException``. Values cannot be asserted under the fake mode; other tests do that on CPU.
+* nothing else. The mode has no ``ShapeEnv``, so an op whose output size or value depends on the data (``.item()``,
+  ``bincount``, boolean indexing, ``nonzero``: on a GPU each one waits for the device) raises
+  ``DynamicOutputShapeException`` / ``DataDependentOutputException``: every path here is free of host syncs.
+  The one place that reads values back by design, the loss window's log step (``Window.means``), runs in a mode
+  with a ``ShapeEnv``, where such values become symbols (``test_loss_window_reads_back_at_log_time``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorDeviceMismatchError,
+    FakeTensorMode,
+)
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from generator.llama import HEAD_NORMS, ROPE_CLS, GPTConfig, LlamaGPT, next_token_loss
@@ -45,6 +52,7 @@ from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import LossConfig, TokenizerLoss
 from tokenizer.model import ImageTokenizer, TokenizerConfig
 from tokenizer.perceptual import build_perceptual
+from tokenizer.quantizer import code_counts
 
 # (device, backward): forward paths on fake CUDA; backward on fake meta, and on fake CUDA where a GPU is present.
 FAKE_RUNS = [("cuda", False), ("meta", True)] + ([("cuda", True)] if torch.cuda.is_available() else [])
@@ -53,9 +61,10 @@ FAKE_RUNS = [("cuda", False), ("meta", True)] + ([("cuda", True)] if torch.cuda.
 class FakeDevice:
     """A fake-tensor mode whose tensors claim to live on ``device``; ``with fake:`` enters the mode."""
 
-    def __init__(self, device: str, backward: bool = False) -> None:
+    def __init__(self, device: str, backward: bool = False, host_reads: bool = False) -> None:
         self.device, self.backward = torch.device(device), backward
-        self.mode = FakeTensorMode(shape_env=ShapeEnv())
+        # Without a ShapeEnv every data-dependent op (a host sync on a GPU) raises; with one it gives symbols.
+        self.mode = FakeTensorMode(shape_env=ShapeEnv()) if host_reads else FakeTensorMode()
 
     def __enter__(self) -> FakeDevice:
         self.mode.__enter__()
@@ -158,6 +167,22 @@ def test_harness_catches_a_cpu_tensor_inside_forward(device):
         assert model.lin(x).device.type == device
         with pytest.raises(FakeTensorDeviceMismatchError):
             model(x)
+
+
+def test_harness_catches_a_host_sync():
+    fake = FakeDevice("cuda")
+    with fake:
+        ids = fake.randint(8, 10)
+        with pytest.raises(DynamicOutputShapeException):
+            torch.bincount(ids, minlength=8)
+        with pytest.raises(DataDependentOutputException):
+            ids.sum().item()
+        assert code_counts(ids, 8).shape == (8,)  # what the codebook statistics use instead of bincount
+
+
+def test_code_counts_equal_bincount():
+    ids = torch.randint(0, 50, (4, 6, 7))
+    assert torch.equal(code_counts(ids, 64), torch.bincount(ids.reshape(-1), minlength=64).float())
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -348,7 +373,7 @@ def test_per_row_generators_on_cpu():
 
 def test_trainer_step_pieces(fake):
     """What both trainers do after backward: clip, optimizer step (Adam / AdamW, foreach or fused), lr hook,
-    EMA update, and the loss window (sums stay on the device; one host sync at log time)."""
+    EMA update, and adding to the loss window (sums stay on the device): no host sync in any of them."""
     model = tiny_gpt().train()
     ema = EMA(model, 0.9)  # as the trainers do: EMA of the CPU model, then both moved to the device
     fake.place(model), fake.place(ema.model)
@@ -373,9 +398,20 @@ def test_trainer_step_pieces(fake):
         window.add({"loss": loss, "norm": norm})
         window.add({"loss": loss, "norm": norm})
         assert on(fake.device, norm, *window.sums.values(), *ema.model.parameters())
-        accelerator = types.SimpleNamespace(device=fake.device, reduce=lambda t, op: t)
+
+
+def test_loss_window_reads_back_at_log_time():
+    """``Window.means``: the means are stacked on the accelerator's device, reduced, and read back once."""
+    fake = FakeDevice("cuda", host_reads=True)
+    window = Window()
+    reduced = []
+    accelerator = types.SimpleNamespace(device=fake.device, reduce=lambda t, op: reduced.append(t) or t)
+    with fake:
+        for _ in range(3):
+            window.add({"loss": fake.randn(()), "l1": fake.randn(()).half()})
         means = window.means(accelerator)
-    assert {"loss", "norm", "seconds"} <= set(means) and means["micro_batches"] == 2.0
+    assert len(reduced) == 1 and on(fake.device, reduced[0]) and reduced[0].dtype == torch.float32
+    assert {"loss", "l1", "seconds"} <= set(means) and means["micro_batches"] == 3.0
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
