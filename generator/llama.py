@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pipelines.errors import ConfigError  # leaf modules: the error class and the option checks only
@@ -284,7 +285,17 @@ class LlamaGPT(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("rope", rope_2d(cfg.grid, cfg.head_dim, cfg.rope_base, cfg.rope_cls),
                              persistent=False)
+        self.activation_checkpointing = False  # see set_activation_checkpointing; not part of the architecture
         self.reset_parameters()
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> LlamaGPT:
+        """Recompute each block's activations in backward instead of keeping them (training memory for compute).
+
+        Only the training forward (``self.training``, grad enabled, no KV cache) is wrapped; the values and
+        gradients are unchanged (dropout masks are replayed: ``checkpoint`` restores the RNG state).
+        """
+        self.activation_checkpointing = bool(enabled)
+        return self
 
     @property
     def null_class(self) -> int:
@@ -351,8 +362,12 @@ class LlamaGPT(nn.Module):
             raise ValueError(f"sequence of {start_pos + T} positions exceeds block size {self.cfg.block_size}")
         rope = self.rope[start_pos:start_pos + T]
         h = self.token_dropout(x)
+        checkpointed = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            h = layer(h, cond, rope, None if cache is None else cache[i], start_pos)
+            if checkpointed:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cond, rope, use_reentrant=False)
+            else:
+                h = layer(h, cond, rope, None if cache is None else cache[i], start_pos)
         return self.output(self.final_norm(h, cond)).float()
 
     def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:

@@ -117,9 +117,20 @@ def entropy_loss_terms(logits: Tensor, temperature: float,
     return sample_entropy, avg_entropy
 
 
+def code_counts(indices: Tensor, num_codes: int) -> Tensor:
+    """How often each code occurs in ``indices``: float32 (num_codes,) on their device.
+
+    Not ``torch.bincount``: its output size depends on the data, so on a GPU it reads the maximum back to the
+    host, a sync in every training step. Counts are integers, exact in float32 up to 2^24 per code.
+    """
+    flat = indices.reshape(-1)
+    ones = torch.ones(flat.shape, device=flat.device)
+    return torch.zeros(num_codes, device=flat.device).index_add_(0, flat, ones)
+
+
 def codebook_stats(indices: Tensor, num_codes: int) -> dict[str, Tensor]:
     """Fraction of codes used in this batch and the perplexity of the index histogram."""
-    counts = torch.bincount(indices.reshape(-1), minlength=num_codes).float()
+    counts = code_counts(indices, num_codes)
     probs = counts / counts.sum()
     return {
         "usage": (counts > 0).float().mean(),

@@ -130,6 +130,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
         raise ConfigError("train.ema_decay with FSDP is not supported (the EMA would hold a full copy per process); "
                          "set train.ema_decay=null")
     model = LlamaGPT(gpt_cfg)
+    model.set_activation_checkpointing(t.activation_checkpointing)  # training forward only; not the architecture
     raw_model = model
     n_params = model.num_params()  # before any FSDP sharding
     # Same initial weights everywhere (seeded above); from here each process draws its own dropout and
