@@ -15,7 +15,7 @@ from pipelines.eval.metrics import ssim
 from pipelines.images import psnr, to_uint8
 from pipelines.progress import progress_bar
 from tokenizer.model import ImageTokenizer
-from tokenizer.quantizer import entropy
+from tokenizer.quantizer import code_counts, entropy
 
 # Called once per batch with (originals, reconstructions, labels); images in [-1, 1] on the model's device.
 BatchHook = Callable[[Tensor, Tensor, Tensor], None]
@@ -38,7 +38,7 @@ def evaluate_reconstruction(model: ImageTokenizer, dataset: Dataset, batch_size:
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
     num_codes = model.cfg.num_codes
-    counts = torch.zeros(num_codes, dtype=torch.long)
+    counts = torch.zeros(num_codes, dtype=torch.float64)
     psnr_sum = l1_sum = ssim_sum = lpips_sum = 0.0
     images = 0
     with progress_bar(len(loader), "eval reconstruction", unit="batch", leave=False) as bar:
@@ -48,7 +48,7 @@ def evaluate_reconstruction(model: ImageTokenizer, dataset: Dataset, batch_size:
             x = x.to(device)
             idx = model.tokenize(x)
             rec = model.decode_tokens(idx).clamp(-1, 1)
-            counts += torch.bincount(idx.reshape(-1).cpu(), minlength=num_codes)
+            counts += code_counts(idx, num_codes).cpu().double()
             psnr_sum += float(psnr(x, rec).sum())
             x8, rec8 = (to_uint8(t).permute(0, 3, 1, 2).float() for t in (x, rec))
             ssim_sum += float(ssim(x8, rec8).sum())

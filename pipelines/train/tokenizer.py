@@ -48,6 +48,7 @@ from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import LossConfig, TokenizerLoss
 from tokenizer.model import ImageTokenizer, TokenizerConfig
 from tokenizer.perceptual import build_perceptual
+from tokenizer.quantizer import code_counts
 
 
 def lr_factor(step: int, warmup_steps: int, milestones_steps: list[int], decay: float) -> float:
@@ -130,7 +131,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
               f"process(es) on {accelerator.device} | run dir {run_dir}")
 
     num_codes, last = model_cfg.num_codes, progress.max_steps
-    window, code_counts = Window(), torch.zeros(num_codes, device=accelerator.device)
+    window, window_counts = Window(), torch.zeros(num_codes, device=accelerator.device)
     with progress_bar(last, "train tokenizer", unit="step", initial=progress.step, enabled=is_main) as bar:
         for x, _ in train_batches(loader, sampler, progress, t.grad_accum, last):
             if x.shape[0] == 0:  # every image of the batch was skipped as corrupt
@@ -167,7 +168,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
                     accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                 opt_ae.step()
                 opt_ae.zero_grad(set_to_none=True)
-            code_counts.add_(torch.bincount(q.indices.reshape(-1), minlength=num_codes))
+            window_counts.add_(code_counts(q.indices, num_codes))  # no host sync (not bincount)
             window.add({**terms, **ae_terms, **q.stats})
             if not accelerator.sync_gradients:  # inside a gradient-accumulation window
                 continue
@@ -178,12 +179,12 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
             step = progress.step
             ema.update(raw_model)
             if due(step, cfg.log_every, last):
-                counts = accelerator.reduce(code_counts, "sum")
+                counts = accelerator.reduce(window_counts, "sum")
                 avg = {k: v for k, v in window.means(accelerator).items() if k not in ("seconds", "micro_batches")}
                 avg |= {"utilisation_window": float((counts > 0).float().mean()), "lr": lr, "epoch": progress.epoch}
                 logger.log(step, avg)
                 bar.set(loss=avg["total"])
-                code_counts.zero_()
+                window_counts.zero_()
             if is_main and due(step, cfg.image_every, last):
                 with torch.no_grad():
                     rec, _ = ema.model(preview.to(accelerator.device))
