@@ -44,7 +44,7 @@ from generator.llama import HEAD_NORMS, ROPE_CLS, GPTConfig, LlamaGPT, next_toke
 from generator.sampling import generate, sample_token
 from pipelines.ema import EMA
 from pipelines.eval.inception import InceptionFeatures, _fidelity_skeleton
-from pipelines.eval.modes import Features
+from pipelines.eval.modes import LazyInception
 from pipelines.images import to_uint8
 from pipelines.tokens.extract import _tokenize
 from pipelines.train.loop import Window, lr_setter
@@ -428,18 +428,21 @@ def test_extraction_forward(mixed_precision):
 
 def test_inception_feature_path(tmp_path):
     """tools/fid.py's Inception (torch-fidelity's network, random weights here) on fake CUDA: uint8 CPU batch in
-    (``Features.__call__`` moves it), pool features and logits out on the device."""
+    (``LazyInception.__call__`` moves it), pool features and logits computed on the device, then kept on the CPU
+    (so the batches of a long evaluation do not pile up in GPU memory)."""
     weights = tmp_path / "random_inception.pth"
     torch.manual_seed(0)
     torch.save(_fidelity_skeleton().state_dict(), weights)
     fake = FakeDevice("cuda")
     net = fake.place(InceptionFeatures(weights).eval())
     assert net.has_logits
-    features = Features(types.SimpleNamespace(weights=str(weights), batch_size=2), fake.device)
+    features = LazyInception(types.SimpleNamespace(weights=str(weights), batch_size=2), fake.device)
     features.__dict__["inception"] = net  # the cached_property, already built on the device
     with fake:
         batch = fake.mode.from_tensor(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+        pool, logits = net(batch.to(fake.device))
+        assert on(fake.device, pool, logits)
         out = features(batch)
-        assert out["pool"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
-        assert on(fake.device, out["pool"], out["logits"])
+        assert out.inception_pool.shape == (2, 2048) and out.inception_logits.shape == (2, 1008)
+        assert out.inception_pool.device.type == "cpu" and out.inception_pool.dtype == torch.float32
 
