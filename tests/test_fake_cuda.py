@@ -342,7 +342,7 @@ def test_sampling_pipeline_to_uint8_images():
     gpt = fake.place(tiny_gpt())
     torch.manual_seed(0)
     tok = fake.place(ImageTokenizer(TokenizerConfig(
-        resolution=6, base_channels=8, channel_mult=(1, 1), enc_res_blocks=1, dec_res_blocks=1,
+        resolution=8, base_channels=8, channel_mult=(1, 1), enc_res_blocks=1, dec_res_blocks=1,
         attn_resolutions=(), z_channels=8, embed_dim=4, num_codes=40))).eval()
     with fake:
         labels = fake.mode.from_tensor(torch.tensor([0, 1, 4]))  # a CPU tensor, as ``sample_plan`` makes them
