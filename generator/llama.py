@@ -17,7 +17,9 @@ zeroed (``rope_cls=zero``); attention scores between image tokens depend only on
 
 Llama parts: RMSNorm, SwiGLU, no biases (the AdaLN projections keep DiT's bias), weights N(0, 0.02)
 as LlamaGen, zero-initialised output head, gates of the per-block AdaLN start near zero (VAR/DiT).
-Inference uses a preallocated KV cache (``new_cache`` + ``forward(..., cache=, start_pos=)``).
+Inference uses a preallocated KV cache (``new_cache`` + ``forward(..., cache=, start_pos=)``), and
+``decode_step`` feeds one token at a position given as a tensor with every shape fixed, so that
+``torch.compile`` builds one graph for all steps (``generator.sampling``, ``compile=True``).
 """
 
 from __future__ import annotations
@@ -181,6 +183,13 @@ class KVCache:
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def update_at(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one step at ``pos`` (a (1,) tensor) and return the whole cache: shapes that do not change with
+        the position, so a compiled decode step is traced once (the slots after ``pos`` are masked out)."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
@@ -197,11 +206,15 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         return apply_rope(q, rope), apply_rope(k, rope), v
 
-    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None = None, start_pos: int | Tensor = 0) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x, rope)
         mask, causal = None, True
-        if cache is not None:
+        if isinstance(start_pos, Tensor):  # fixed-shape decoding (decode_step): every slot up to the position
+            k, v = cache.update_at(start_pos, k, v)
+            mask = (torch.arange(k.shape[2], device=x.device) <= start_pos)[None]  # (1, max_len)
+            causal = False
+        elif cache is not None:
             k, v = cache.update(start_pos, k, v)
             if start_pos > 0:  # queries at start_pos.. see every cached key up to their own position
                 causal = False
@@ -242,7 +255,7 @@ class Block(nn.Module):
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim)) if cfg.adaln else None
 
     def forward(self, x: Tensor, cond: Tensor, rope: Tensor, cache: KVCache | None = None,
-                start_pos: int = 0) -> Tensor:
+                start_pos: int | Tensor = 0) -> Tensor:
         if self.adaln is None:
             x = x + self.attention(self.attention_norm(x), rope, cache, start_pos)
             return x + self.feed_forward(self.ffn_norm(x))
@@ -369,6 +382,21 @@ class LlamaGPT(nn.Module):
             else:
                 h = layer(h, cond, rope, None if cache is None else cache[i], start_pos)
         return self.output(self.final_norm(h, cond)).float()
+
+    def decode_step(self, tokens: Tensor, labels: Tensor, cache: list[KVCache], pos: Tensor) -> Tensor:
+        """Logits (B, vocab) for t_p from the image tokens t_{p-1} (B, 1) at position ``pos`` = p > 0, a (1,) long
+        tensor, after the prefill ``forward(None, labels, cache=cache)`` filled position 0.
+
+        The same computation as ``forward(tokens, labels, cache=cache, start_pos=p)`` (eval mode), but every
+        shape is fixed: the position indexes the cache and the rotary table, and attention reads the whole cache
+        under a mask, so one ``torch.compile`` graph serves every step.
+        """
+        cond = self.class_embedding(labels)
+        h = self.tok_embeddings(tokens)
+        rope = self.rope.index_select(0, pos)
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            h = layer(h, cond, rope, layer_cache, pos)
+        return self.output(self.final_norm(h, cond)).float()[:, 0]
 
     def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
         """Mean next-token cross-entropy over all L positions (labels dropped to null as configured)."""
