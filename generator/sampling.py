@@ -69,8 +69,9 @@ def sample_token(logits: Tensor, temperature: float, top_k: int, top_p: float,
     return (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)
 
 
-def _decode_step(model: LlamaGPT, tokens: Tensor, labels: Tensor, cache: list[KVCache], pos: Tensor) -> Tensor:
-    return model.decode_step(tokens, labels, cache, pos)
+def _decode_step(model: LlamaGPT, tokens: Tensor, conditioning: list[Tensor | None], cache: list[KVCache],
+                 pos: Tensor) -> Tensor:
+    return model.decode_step(tokens, conditioning, cache, pos)
 
 
 class CompiledDecoder:
@@ -135,6 +136,7 @@ def generate(model: LlamaGPT, labels: Tensor, cfg_scale: float = 1.0, temperatur
         decoder = compiled_decoder(model)
         cache = decoder.cache(model, run_labels.shape[0])
         positions = [torch.full((1,), t, dtype=torch.long, device=device) for t in range(L)]  # one tensor per step
+        conditioning = model.conditioning(run_labels)  # the AdaLN projections, once for all steps
 
     for t in range(L):
         if cache is None:
@@ -145,7 +147,8 @@ def generate(model: LlamaGPT, labels: Tensor, cfg_scale: float = 1.0, temperatur
             logits = model(None, run_labels, cache=cache, start_pos=0)[:, 0]  # prefill: eager, also when compiled
         elif compiled:
             prev = out[:, t - 1:t].clone()  # contiguous, no storage offset: the same input layout at every step
-            logits = decoder.step(model, torch.cat([prev, prev]) if guided else prev, run_labels, cache, positions[t])
+            logits = decoder.step(model, torch.cat([prev, prev]) if guided else prev, conditioning, cache,
+                                  positions[t])
         else:
             prev = out[:, t - 1:t]
             logits = model(torch.cat([prev, prev]) if guided else prev, run_labels, cache=cache, start_pos=t)[:, 0]
