@@ -105,6 +105,10 @@ COMPILED_CASES = [
 ]
 
 
+def generators(n: int, per_row: bool) -> torch.Generator | list[torch.Generator]:
+    return [seeded(i) for i in range(n)] if per_row else seeded(7)
+
+
 @pytest.mark.slow
 def test_compiled_sampling_gives_the_eager_tokens_and_compiles_once(compiled_model):
     from torch._dynamo.utils import counters
@@ -115,9 +119,8 @@ def test_compiled_sampling_gives_the_eager_tokens_and_compiles_once(compiled_mod
         opts = dict(opts)
         per_row = opts.pop("per_row", False)
         labels = torch.tensor([0, 1, 2, 3, 4, 1]) if "cfg_scale" not in opts else torch.tensor([2, 0, 4])
-        gen = (lambda: [seeded(i) for i in range(len(labels))]) if per_row else (lambda: seeded(7))
-        eager = generate(model, labels, generator=gen(), **opts)
-        fast = generate(model, labels, generator=gen(), compiled=True, **opts)
+        eager = generate(model, labels, generator=generators(len(labels), per_row), **opts)
+        fast = generate(model, labels, generator=generators(len(labels), per_row), compiled=True, **opts)
         assert torch.equal(fast, eager), opts
         assert len(fast.unique()) > 3
         if graphs is None:  # compiled by the first call; every later call (same rows) reuses the graph
