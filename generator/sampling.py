@@ -79,15 +79,17 @@ class CompiledDecoder:
     (the same cache tensors keep the compiled graph's guards, and CUDA graphs' addresses, valid)."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs need CUDA; CPU: default mode
         self.step = torch.compile(_decode_step, dynamic=False, mode=mode)
-        self.caches: dict[int, list[KVCache]] = {}
+        self.caches: dict[tuple[int, torch.dtype], list[KVCache]] = {}
 
     def cache(self, model: LlamaGPT, batch: int) -> list[KVCache]:
         """The static cache for ``batch`` rows, zeroed (made, and marked as a static address, on first use)."""
-        cache = self.caches.get(batch)
+        key = (batch, model.tok_embeddings.weight.dtype)
+        cache = self.caches.get(key)
         if cache is None:
-            cache = self.caches[batch] = model.new_cache(batch)
+            cache = self.caches[key] = model.new_cache(batch)
             for layer in cache:
                 for t in (layer.k, layer.v):
                     torch._dynamo.mark_static_address(t)
@@ -101,10 +103,12 @@ _DECODERS: weakref.WeakKeyDictionary[LlamaGPT, CompiledDecoder] = weakref.WeakKe
 
 
 def compiled_decoder(model: LlamaGPT) -> CompiledDecoder:
-    """The model's ``CompiledDecoder``, made on first use (compilation itself happens at the first step)."""
+    """The model's ``CompiledDecoder``, made on first use or when the model moved to another device (compilation
+    itself happens at the first step)."""
+    device = model.tok_embeddings.weight.device
     decoder = _DECODERS.get(model)
-    if decoder is None:
-        decoder = _DECODERS[model] = CompiledDecoder(model.tok_embeddings.weight.device)
+    if decoder is None or decoder.device != device:
+        decoder = _DECODERS[model] = CompiledDecoder(device)
     return decoder
 
 

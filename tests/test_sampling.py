@@ -126,7 +126,8 @@ def test_compiled_sampling_gives_the_eager_tokens_and_compiles_once(compiled_mod
         if graphs is None:  # compiled by the first call; every later call (same rows) reuses the graph
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
-    assert compiled_decoder(model) is compiled_decoder(model) and list(compiled_decoder(model).caches) == [6]
+    decoder = compiled_decoder(model)
+    assert decoder is compiled_decoder(model) and list(decoder.caches) == [(6, torch.float32)]
 
 
 def test_compiled_sampling_needs_the_cache():
