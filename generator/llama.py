@@ -17,7 +17,9 @@ zeroed (``rope_cls=zero``); attention scores between image tokens depend only on
 
 Llama parts: RMSNorm, SwiGLU, no biases (the AdaLN projections keep DiT's bias), weights N(0, 0.02)
 as LlamaGen, zero-initialised output head, gates of the per-block AdaLN start near zero (VAR/DiT).
-Inference uses a preallocated KV cache (``new_cache`` + ``forward(..., cache=, start_pos=)``).
+Inference uses a preallocated KV cache (``new_cache`` + ``forward(..., cache=, start_pos=)``), and
+``decode_step`` feeds one token at a position given as a tensor with every shape fixed, so that
+``torch.compile`` builds one graph for all steps (``generator.sampling``, ``compile=True``).
 """
 
 from __future__ import annotations
@@ -181,6 +183,22 @@ class KVCache:
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def update_at(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one step at ``pos`` (a (1,) tensor) and return the whole cache: shapes that do not change with
+        the position, so a compiled decode step is traced once (the slots after ``pos`` are masked out)."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> Tensor:
+    """Attention of one query per row (B, H, 1, hd) over the whole cache (B, H, max_len, hd), the slots where
+    ``keep`` (max_len,) is False masked out. Written as two batched matmuls and a softmax that inductor fuses:
+    CPU ``scaled_dot_product_attention`` costs about a millisecond per call for a single query."""
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    weights = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+    return weights.type_as(v) @ v
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
@@ -197,9 +215,13 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         return apply_rope(q, rope), apply_rope(k, rope), v
 
-    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None = None, start_pos: int | Tensor = 0) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x, rope)
+        if isinstance(start_pos, Tensor):  # fixed-shape decoding (decode_step): every slot up to the position
+            k, v = cache.update_at(start_pos, k, v)
+            y = decode_attention(q, k, v, torch.arange(k.shape[2], device=x.device) <= start_pos)
+            return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
         mask, causal = None, True
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
@@ -241,12 +263,14 @@ class Block(nn.Module):
         self.feed_forward = SwiGLU(cfg)
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim)) if cfg.adaln else None
 
-    def forward(self, x: Tensor, cond: Tensor, rope: Tensor, cache: KVCache | None = None,
-                start_pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor | None, rope: Tensor, cache: KVCache | None = None,
+                start_pos: int | Tensor = 0, modulation: Tensor | None = None) -> Tensor:
+        """``modulation``: ``self.adaln(cond)`` computed beforehand (decoding: once per image, not per token)."""
         if self.adaln is None:
             x = x + self.attention(self.attention_norm(x), rope, cache, start_pos)
             return x + self.feed_forward(self.ffn_norm(x))
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.adaln(cond).chunk(6, dim=-1)
+        mod = self.adaln(cond) if modulation is None else modulation
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.chunk(6, dim=-1)
         x = x + gate_a[:, None] * self.attention(modulate(self.attention_norm(x), shift_a, scale_a), rope,
                                                   cache, start_pos)
         return x + gate_f[:, None] * self.feed_forward(modulate(self.ffn_norm(x), shift_f, scale_f))
@@ -264,10 +288,10 @@ class HeadNorm(nn.Module):
             self.norm = RMSNorm(cfg.dim, 1e-5 if cfg.head_norm == "adaln_rms" else cfg.norm_eps)
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim)) if cfg.head_norm != "rms" else None
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor | None, modulation: Tensor | None = None) -> Tensor:
         if self.adaln is None:
             return self.norm(x)
-        shift, scale = self.adaln(cond).chunk(2, dim=-1)
+        shift, scale = (self.adaln(cond) if modulation is None else modulation).chunk(2, dim=-1)
         return modulate(self.norm(x), shift, scale)
 
 
@@ -369,6 +393,28 @@ class LlamaGPT(nn.Module):
             else:
                 h = layer(h, cond, rope, None if cache is None else cache[i], start_pos)
         return self.output(self.final_norm(h, cond)).float()
+
+    def conditioning(self, labels: Tensor) -> list[Tensor | None]:
+        """The class-dependent AdaLN projections of every block and of the head norm (None where there is none):
+        they do not change from token to token, so decoding computes them once (a third of a block's work)."""
+        cond = self.class_embedding(labels)
+        return [None if m.adaln is None else m.adaln(cond) for m in (*self.layers, self.final_norm)]
+
+    def decode_step(self, tokens: Tensor, conditioning: list[Tensor | None], cache: list[KVCache],
+                    pos: Tensor) -> Tensor:
+        """Logits (B, vocab) for t_p from the image tokens t_{p-1} (B, 1) at position ``pos`` = p > 0, a (1,) long
+        tensor, after the prefill ``forward(None, labels, cache=cache)`` filled position 0; ``conditioning`` is
+        ``self.conditioning(labels)``.
+
+        The same computation as ``forward(tokens, labels, cache=cache, start_pos=p)`` (eval mode), but every
+        shape is fixed: the position indexes the cache and the rotary table, and attention reads the whole cache
+        under a mask, so one ``torch.compile`` graph serves every step.
+        """
+        h = self.tok_embeddings(tokens)
+        rope = self.rope.index_select(0, pos)
+        for layer, layer_cache, mod in zip(self.layers, cache, conditioning, strict=False):
+            h = layer(h, None, rope, layer_cache, pos, modulation=mod)
+        return self.output(self.final_norm(h, None, conditioning[-1])).float()[:, 0]
 
     def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
         """Mean next-token cross-entropy over all L positions (labels dropped to null as configured)."""

@@ -125,9 +125,10 @@ def sample_plan(classes: Sequence[int], n: int) -> tuple[Tensor, Tensor]:
 
 
 def iter_images(model: LlamaGPT, tokenizer: ImageTokenizer, labels: Tensor, indices: Tensor, recipe: dict[str, Any],
-                seed: int = 0, batch_size: int = 32, use_cache: bool = True, progress: bool = True
-                ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (labels, uint8 images (b, H, W, 3)) batch by batch, so callers can stream many samples to disk."""
+                seed: int = 0, batch_size: int = 32, use_cache: bool = True, progress: bool = True,
+                compiled: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (labels, uint8 images (b, H, W, 3)) batch by batch, so callers can stream many samples to disk.
+    ``compiled``: the compiled decode step (``generator.sampling``; the same tokens, compiled once per batch size)."""
     labels = torch.as_tensor(labels, dtype=torch.long).flatten()
     bad = labels[(labels < 0) | (labels >= model.cfg.num_classes)]
     if len(bad):
@@ -141,7 +142,7 @@ def iter_images(model: LlamaGPT, tokenizer: ImageTokenizer, labels: Tensor, indi
             gens = sample_generators(chunk, indices[start:start + batch_size], seed, device)
             tokens = generate(model, chunk, cfg_scale=recipe["cfg"], temperature=recipe["temperature"],
                               top_k=recipe["top_k"], top_p=recipe["top_p"], cfg_schedule=recipe["cfg_schedule"],
-                              generator=gens, use_cache=use_cache)
+                              generator=gens, use_cache=use_cache, compiled=compiled)
             with torch.no_grad():
                 images = tokenizer.decode_tokens(tokens.view(-1, h, w))
             bar.update(len(chunk))

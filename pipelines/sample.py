@@ -20,6 +20,7 @@ from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.cli import entry_point, require_bool, require_int, require_text
+from pipelines.errors import ConfigError
 from pipelines.generate import (
     SAMPLING_KEYS,
     check_sampling_options,
@@ -45,8 +46,10 @@ def check_options(cfg: DictConfig) -> None:
     require_text(cfg, "demo_ckpt")
     for key in ("ckpt", "tokenizer", "out"):
         require_text(cfg, key, optional=True)
-    for key in ("use_cache", "save_png", "save_npz"):
+    for key in ("use_cache", "compile", "save_png", "save_npz"):
         require_bool(cfg, key)
+    if cfg.compile and not cfg.use_cache:
+        raise ConfigError("compile=true needs use_cache=true (the compiled step decodes into the KV cache)")
     require_text(cfg, "device")
 
 
@@ -79,7 +82,8 @@ def _sample(cfg: DictConfig, model, tokenizer, classes: list[int], names: list[s
     shown: dict[int, list[torch.Tensor]] = {c: [] for c in classes}
     done = 0
     counts = dict.fromkeys(classes, 0)
-    for chunk, images in iter_images(model, tokenizer, labels, indices, opts, cfg.seed, cfg.batch_size, cfg.use_cache):
+    for chunk, images in iter_images(model, tokenizer, labels, indices, opts, cfg.seed, cfg.batch_size, cfg.use_cache,
+                                     compiled=cfg.compile):
         if cfg.save_npz and npy is None:
             npy = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8,
                                             shape=(len(labels), *images.shape[1:]))

@@ -123,6 +123,24 @@ def test_kv_cache_logits_equal_full_recomputation():
         model(tokens[:, :2], labels, cache=cache, start_pos=11)
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(adaln=False, head_norm="rms"), dict(head_norm="adaln")])
+def test_fixed_shape_decode_step_equals_cached_forward(overrides):
+    """decode_step (position as a tensor, whole cache under a mask, AdaLN computed once) = the sliced-cache path."""
+    model = random_model(**overrides)
+    tokens, labels = torch.randint(0, 32, (3, 12)), torch.tensor([4, 0, 2])
+    with torch.no_grad():
+        sliced, cache = model.new_cache(3), model.new_cache(3)
+        expected = [model(None, labels, cache=sliced, start_pos=0)[:, 0]]
+        steps = [model(None, labels, cache=cache, start_pos=0)[:, 0]]
+        cond = model.conditioning(labels)
+        assert len(cond) == model.cfg.n_layer + 1
+        for t in range(1, 12):
+            expected.append(model(tokens[:, t - 1:t], labels, cache=sliced, start_pos=t)[:, 0])
+            steps.append(model.decode_step(tokens[:, t - 1:t], cond, cache, torch.tensor([t])))
+    torch.testing.assert_close(torch.stack(steps, 1), torch.stack(expected, 1), rtol=1e-5, atol=1e-5)
+    assert cache[0].k[:, :, 11].abs().sum() > 0  # every position written in place
+
+
 OFFICIAL_IBQ_PARAMS = {"B": 342_994_944, "L": 649_640_960, "XL": 1_076_103_168, "XXL": 2_063_331_840}
 LLAMAGEN_PARAMS = {"B": 111e6, "L": 343e6, "XL": 775e6, "XXL": 1.4e9, "3B": 3.1e9}  # LlamaGen's rounded figures
 

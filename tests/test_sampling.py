@@ -1,11 +1,11 @@
-"""Sampling: KV cache == recomputation, classifier-free guidance, top-k / top-p, seeds."""
+"""Sampling: KV cache == recomputation == compiled decode step, classifier-free guidance, top-k / top-p, seeds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from generator.sampling import cfg_scale_at, filter_logits, generate
+from generator.sampling import cfg_scale_at, compiled_decoder, filter_logits, generate
 from tests.test_llama import random_model
 
 
@@ -87,3 +87,49 @@ def test_top_k_and_top_p_filters():
     labels = torch.tensor([0, 1, 2])
     assert torch.equal(generate(model, labels, top_k=1, generator=seeded(0)),
                        generate(model, labels, temperature=0.0))
+
+
+@pytest.fixture(scope="module")
+def compiled_model():
+    """One model for the compiled tests: its decode step compiles once (6 rows: 6 labels, or 3 with guidance)."""
+    return random_model(seed=3)
+
+
+COMPILED_CASES = [
+    dict(temperature=0.0),                                            # greedy
+    dict(temperature=1.0),                                            # one generator for the batch
+    dict(temperature=1.0, per_row=True),                              # the tools' per-sample generators
+    dict(temperature=1.3, top_k=5, top_p=0.9, per_row=True),
+    dict(temperature=1.0, cfg_scale=3.0, per_row=True),               # guidance: doubled batch of 3 -> 6 rows
+    dict(temperature=0.0, cfg_scale=2.0, cfg_schedule="linear"),
+]
+
+
+def generators(n: int, per_row: bool) -> torch.Generator | list[torch.Generator]:
+    return [seeded(i) for i in range(n)] if per_row else seeded(7)
+
+
+@pytest.mark.slow
+def test_compiled_sampling_gives_the_eager_tokens_and_compiles_once(compiled_model):
+    from torch._dynamo.utils import counters
+
+    model = compiled_model
+    graphs = None
+    for opts in COMPILED_CASES:
+        opts = dict(opts)
+        per_row = opts.pop("per_row", False)
+        labels = torch.tensor([0, 1, 2, 3, 4, 1]) if "cfg_scale" not in opts else torch.tensor([2, 0, 4])
+        eager = generate(model, labels, generator=generators(len(labels), per_row), **opts)
+        fast = generate(model, labels, generator=generators(len(labels), per_row), compiled=True, **opts)
+        assert torch.equal(fast, eager), opts
+        assert len(fast.unique()) > 3
+        if graphs is None:  # compiled by the first call; every later call (same rows) reuses the graph
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+    decoder = compiled_decoder(model)
+    assert decoder is compiled_decoder(model) and list(decoder.caches) == [(6, torch.float32)]
+
+
+def test_compiled_sampling_needs_the_cache():
+    with pytest.raises(ValueError, match="compile=true needs use_cache=true"):
+        generate(random_model(), torch.tensor([0]), use_cache=False, compiled=True)

@@ -190,6 +190,29 @@ def test_sample_tool_and_fid_gen_draw_the_same_images(trained_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_sampling_in_the_tools_draws_the_eager_images(trained_run, tmp_path):
+    """compile=true (tools/sample.py and tools/fid.py mode=gen): the images of compile=false, seed for seed."""
+    from pipelines.errors import ConfigError
+    from pipelines.eval.modes import Extractors, generate_samples
+    from pipelines.sample import sample
+
+    common = [f"ckpt={trained_run}", "class=3", "n=4", "seed=0", "batch_size=4", "save_npz=true", "save_png=false",
+              "device=cpu", "cfg=2.0"]
+    arrays = []
+    for flag in ("false", "true"):
+        sample(tool_config("sample", [*common, f"compile={flag}", f"out={tmp_path / flag}"]))
+        with np.load(tmp_path / flag / "samples.npz") as npz:
+            arrays.append(npz["arr_0"])
+    assert np.array_equal(arrays[0], arrays[1])
+    cfg = tool_config("fid", ["mode=gen", f"ar={trained_run}", "classes=[3]", "per_class=4", "seed=0", "cfg=2.0",
+                              "batch_size=4", "device=cpu", "compile=true"])
+    generated = generate_samples(cfg, Extractors(), keep_images=True, shard=False)
+    assert np.array_equal(generated.images.numpy(), arrays[0])
+    with pytest.raises(ConfigError, match="compile=true needs use_cache=true"):
+        sample(tool_config("sample", [*common, "compile=true", "use_cache=false", f"out={tmp_path / 'x'}"]))
+
+
+@pytest.mark.slow
 def test_fid_gen_mode_writes_gen_eval_json(trained_run, demo_root, tmp_path):
     """mode=gen end to end: samples drawn, Inception features of them, FID against the reference folder."""
     from pipelines.eval.fid import evaluate

@@ -69,7 +69,7 @@ def check_options(cfg: DictConfig) -> None:
         require_text(cfg, key, optional=True)
     for key in ("split", "device", "demo_data", "classifier"):
         require_text(cfg, key)
-    for key in ("allow_resolution_mismatch", "prepare_weights"):
+    for key in ("allow_resolution_mismatch", "prepare_weights", "compile"):
         require_bool(cfg, key)
     require_choice(cfg, "lpips", ("auto", True, False))
 

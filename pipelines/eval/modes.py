@@ -379,7 +379,7 @@ def generate_samples(cfg: DictConfig, extract: Extractors, keep_images: bool = F
         for start in bar.iter(mine):
             part = slice(start, start + cfg.batch_size)
             _, images = next(iter_images(model, tokenizer, labels[part], indices[part], sampling, cfg.seed,
-                                         cfg.batch_size, progress=False))
+                                         cfg.batch_size, progress=False, compiled=cfg.compile))
             parts.append((start, extract(images.permute(0, 3, 1, 2)), images.cpu() if keep_images else None))
     gathered = gather_object(parts) if world > 1 else parts
     if rank != 0:
