@@ -141,6 +141,7 @@ def check_tokenizer_run(cfg: DictConfig) -> None:
     TokenizerConfig.from_dict(cfg.tokenizer.model)
     LossConfig.from_dict(cfg.tokenizer.loss)
     _check_train_common(cfg, ("no", "fp16", "bf16"))
+    require_bool(cfg, "train.compile")
     require_number(cfg, "train.disc_lr", 0, low_open=True)
     require_number(cfg, "train.codebook_lr_mult", 0)
     require_number(cfg, "train.lr_decay", 0, low_open=True)

@@ -90,6 +90,9 @@ def start_run(cfg: Any, make_accelerator: Callable[[], Accelerator], body: Calla
     if check is not None:
         check(cfg)
     accelerator = make_accelerator()
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
+        raise ConfigError(f"train.mixed_precision=fp16 needs a GPU: on {accelerator.device.type} Accelerate would "
+                          "train in float32 without autocast or loss scaling; use bf16 or no")
     with claim_run_dir(accelerator, Path(cfg.run_dir), cfg.resume, cfg.overwrite):
         return body(cfg, accelerator)
 
@@ -169,8 +172,9 @@ def lr_setter(optimizers: Iterable[tuple[torch.optim.Optimizer, float]],
 
 
 class Checkpointer:
-    """Owns ``train_state/``: saves it (with every process's RNG state) and ``model.safetensors`` + ``config.yaml``,
-    and resumes from it. Under FSDP the sharded state goes through ``accelerator.save_state``."""
+    """Owns ``train_state/``: saves it (with every process's RNG state and, under fp16, the gradient scaler's state)
+    and ``model.safetensors`` + ``config.yaml``, and resumes from it. Under FSDP the sharded state goes through
+    ``accelerator.save_state``."""
 
     def __init__(self, accelerator: Accelerator, run_dir: Path, config: dict[str, Any], fsdp: bool = False) -> None:
         self.accelerator, self.run_dir, self.config, self.fsdp = accelerator, run_dir, config, fsdp
@@ -194,6 +198,8 @@ class Checkpointer:
                               f"resume it with the same number (got {acc.num_processes}) to continue exactly")
         progress.load_state_dict(state)
         restore_rng(state["rng"][acc.process_index])
+        if acc.scaler is not None and state.get("grad_scaler") is not None:  # fp16: the loss scale goes on as it was
+            acc.scaler.load_state_dict(state["grad_scaler"])
         return state
 
     def save(self, progress: Progress, state: Callable[[], dict[str, Any]], weights: dict[str, torch.Tensor]) -> None:
@@ -206,7 +212,8 @@ class Checkpointer:
             if self.fsdp:
                 atomic_write_text(self.fsdp_dir.parent / FSDP_STEP_FILE, json.dumps(progress.state_dict()))
             else:
-                save_train_state(self.run_dir, {**state(), **progress.state_dict(), "rng": rng})
+                scaler = acc.scaler.state_dict() if acc.scaler is not None else None  # fp16's loss scale
+                save_train_state(self.run_dir, {**state(), **progress.state_dict(), "rng": rng, "grad_scaler": scaler})
             save_model(self.run_dir, weights, self.config)
         acc.wait_for_everyone()
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
@@ -55,6 +56,21 @@ def lr_factor(step: int, warmup_steps: int, milestones_steps: list[int], decay: 
     """Linear warm-up, then multiply by ``decay`` at each milestone passed."""
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     return warm * decay ** sum(step >= m for m in milestones_steps)
+
+
+def step_without_scale_update(accelerator: Accelerator, optimizer: AcceleratedOptimizer) -> None:
+    """Step the discriminator's optimizer; under fp16 leave the loss scale's update to the autoencoder's step.
+
+    Accelerate's prepared optimizer calls ``scaler.step`` and then ``scaler.update`` in every ``step()``, so two
+    optimizers sharing the one scaler would update it twice a step (the scale grows twice as fast, and an
+    overflow in the discriminator backs it off before the autoencoder's backward). torch's recipe for several
+    optimizers is one ``scaler.step`` each (each skipped on its own inf/NaN gradients) and one ``update``
+    after the last: here ``scaler.step`` only, and ``opt_ae.step()`` makes the update, seeing both inf checks.
+    """
+    if accelerator.scaler is None:
+        optimizer.step()
+    elif accelerator.sync_gradients:  # as AcceleratedOptimizer.step: no step inside an accumulation window
+        accelerator.scaler.step(optimizer.optimizer)
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -108,8 +124,10 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
     set_lr = lr_setter([(opt_ae, t.lr), (opt_d, t.disc_lr)],
                        lambda step: lr_factor(step, t.warmup_steps, milestones, t.lr_decay))
 
+    raw_model, raw_disc = model, disc  # the plain modules: state dicts without DDP's or torch.compile's prefixes
+    if t.compile:  # the whole autoencoder; the quantizer's code search runs eagerly inside it (graph breaks)
+        model = torch.compile(model)
     model, disc, opt_ae, opt_d = accelerator.prepare(model, disc, opt_ae, opt_d)
-    raw_model, raw_disc = accelerator.unwrap_model(model), accelerator.unwrap_model(disc)
 
     # Resume: weights, EMA, LeCam averages, optimizers, step and RNG from train_state/.
     checkpointer = Checkpointer(accelerator, run_dir, config)
@@ -151,7 +169,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
                                                             logits_fake_d.detach().float().mean()]), "mean")
                     d_loss, d_terms = criterion.discriminator_loss(logits_real, logits_fake_d, means[0], means[1])
                     accelerator.backward(d_loss)
-                    opt_d.step()
+                    step_without_scale_update(accelerator, opt_d)
                     opt_d.zero_grad(set_to_none=True)
                     terms |= d_terms
                     # Generator side: the plain module (not DDP) with frozen weights, so gradients reach the
@@ -165,8 +183,11 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
                     x, recon, q, progress.step, logits_fake, last_layer=raw_model.decoder.last_layer)
                 accelerator.backward(ae_loss)
                 if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                opt_ae.step()
+                    # opt_ae's gradients only: Accelerate's clip_grad_norm_ unscales every optimizer's, and
+                    # opt_d's were already unscaled and stepped this step (fp16: a RuntimeError).
+                    accelerator.unscale_gradients(opt_ae)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                opt_ae.step()  # fp16: scaler.step, then the step's one scaler.update (both optimizers' inf checks)
                 opt_ae.zero_grad(set_to_none=True)
             window_counts.add_(code_counts(q.indices, num_codes))  # no host sync (not bincount)
             window.add({**terms, **ae_terms, **q.stats})
