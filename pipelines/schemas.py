@@ -164,6 +164,7 @@ def check_ar_run(cfg: DictConfig) -> None:
     _check_train_common(cfg, ("auto", "no", "bf16", "fp16"))
     require_number(cfg, "train.final_lr_ratio", 0, 1)
     require_bool(cfg, "train.compile")
+    require_bool(cfg, "train.activation_checkpointing")
 
 
 def config_keys(cfg: Any) -> dict[str, Any]:
