@@ -11,6 +11,10 @@ forward + backward at ``batches`` (default 1 and 3), float32 and under bf16 auto
 checkpointing. Per sample = the slope of the peak in the batch size; per layer = its slope in the block count; the
 remainder is the embeddings, head, logits and loss (and, with checkpointing, the one block being recomputed).
 Dropout is on as in training (its masks are saved too).
+
+``sizes=[tokenizer]`` measures the reference tokenizer (``+experiment=imagenet_256``, 256 px, 16,384 codes) at its
+full depth, float32 only, batch 1 and 2: autoencoder forward, L1 + quantizer + generator GAN loss through the
+discriminator, backward (the perceptual network's activations are not included).
 """
 
 from __future__ import annotations
@@ -63,8 +67,39 @@ def step_peak_mib(model: LlamaGPT, batch: int, bf16: bool) -> float:
     return peak(CPU) - base
 
 
+def tokenizer_child() -> dict:
+    from tokenizer.discriminator import PatchDiscriminator
+    from tokenizer.model import ImageTokenizer, TokenizerConfig
+
+    cfg = load_config("train_tokenizer", ["+experiment=imagenet_256", "data.root=unused"])
+    model_cfg = TokenizerConfig.from_dict(OmegaConf.to_container(cfg.tokenizer.model, resolve=True))
+    model = ImageTokenizer(model_cfg).train()
+    disc = PatchDiscriminator(base_channels=cfg.tokenizer.loss.disc_channels, num_layers=cfg.tokenizer.loss.disc_layers)
+    disc.requires_grad_(False)
+
+    def step_peak(batch: int) -> float:
+        x = torch.rand(batch, 3, model_cfg.resolution, model_cfg.resolution) * 2 - 1
+
+        def step() -> None:
+            recon, q = model(x)
+            ((recon - x).abs().mean() + q.loss - disc(recon).mean()).backward()
+
+        step()
+        gc.collect()
+        base = reset_peak(CPU)
+        step()
+        return peak(CPU) - base
+
+    p = [step_peak(b) for b in (1, 2)]
+    per_sample = p[1] - p[0]
+    return {"size": "tokenizer", "measured": [{"precision": "fp32", "peaks_mib": p, "per_sample": per_sample}],
+            "scaled": {"fp32": {"per_sample_mib": per_sample}}}
+
+
 def child(size: str, opts) -> dict:
     torch.set_num_threads(opts.threads)
+    if size == "tokenizer":
+        return tokenizer_child()
     full = size_config(size, opts.vocab, opts.grid)
     rows = []
     for layers in opts.layers:
@@ -109,11 +144,13 @@ def main(argv: list[str]) -> list[dict]:
         if proc.returncode or not lines:
             raise SystemExit(f"{size}: exit {proc.returncode}: {proc.stderr.strip()[-2000:]}")
         result = json.loads(lines[-1][len("RESULT "):])
-        result["scaled"] = scale(result, list(opts.layers))
+        if "scaled" not in result:
+            result["scaled"] = scale(result, list(opts.layers))
         results.append(result)
         s = result["scaled"]
-        print(f"{size}: " + ", ".join(f"{k} {v['per_sample_mib']:.0f} MiB/sample ({v['per_layer_mib']:.1f}/layer "
-                                      f"+ {v['fixed_mib']:.0f})" for k, v in s.items()), flush=True)
+        print(f"{size}: " + ", ".join(f"{k} {v['per_sample_mib']:.0f} MiB/sample" + (
+            f" ({v['per_layer_mib']:.1f}/layer + {v['fixed_mib']:.0f})" if "per_layer_mib" in v else "")
+            for k, v in s.items()), flush=True)
     print(json.dumps(results))
     return results
 

@@ -115,6 +115,7 @@ def main(argv: list[str]) -> list[dict]:
             rows.append({"part": part, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"})
         else:
             rows.append(json.loads(lines[-1][len("RESULT "):]))
+        print(json.dumps(rows[-1]), flush=True)
     print(f"full-size configurations on CPU ({opts.threads} threads, float32, {torch.__version__}); "
           f"{opts.steps} optimizer steps, step time = mean of steps 2..{opts.steps}")
     print("| part | batch | params | s/step | peak RSS GiB |")
@@ -127,7 +128,6 @@ def main(argv: list[str]) -> list[dict]:
                                              else "")
         step = f"{r['step_s']:.1f}" if r["step_s"] else "-"
         print(f"| {r['part']} | {r['batch']} | {params} | {step} | {r['peak_rss_gib']:.1f} |")
-    print(json.dumps(rows))
     return rows
 
 
