@@ -10,7 +10,7 @@ DEMO_DATA ?= data/demo
 ARGS ?=
 
 .PHONY: help install demo demo-data train-tokenizer tokenize train-ar sample fid reconstruct \
-	bench test lint clean-demo
+	bench gpu-check test lint clean-demo
 
 help:
 	@echo "make demo             - demo data -> tokenizer -> token shards -> AR model -> samples -> metrics (CPU)"
@@ -22,6 +22,7 @@ help:
 	@echo "make sample           - sample images (ARGS='class=3 n=16 ...'; default: every demo class)"
 	@echo "make fid              - evaluate (ARGS='mode=recon tokenizer=... data=...' etc., see conf/tools/fid.yaml)"
 	@echo "make bench            - speed/memory benchmarks (quantizer, extraction, sampling)"
+	@echo "make gpu-check        - measure a GPU in < 8 min, no dataset: one table + runs/gpu_check.json (ARGS=...)"
 	@echo "make lint             - ruff"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -78,6 +79,11 @@ bench: $(STAMP)
 	$(PY) bench/quantizer.py
 	$(PY) bench/extract_tokens.py
 	$(PY) bench/sample.py
+
+# Training, sampling, quantizer and extraction throughput on the first GPU (bench/gpu_check.py); device=cpu small=true
+# runs the same rows at tiny sizes (the test suite does).
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=8

@@ -420,6 +420,28 @@ class LlamaGPT(nn.Module):
         """Mean next-token cross-entropy over all L positions (labels dropped to null as configured)."""
         return next_token_loss(self(tokens, labels), tokens)
 
+    def flops_per_token(self, training: bool = True) -> float:
+        """Matmul FLOPs per position of a full-length sequence (T = ``block_size``), the count MFU is quoted in.
+
+        Forward: ``2 * N_tok + 4 * n_layer * T * dim + 2 * N_cond / T``, where ``N_tok`` are the weights applied
+        at every position (attention and SwiGLU projections, output head), ``4 * n_layer * T * dim`` is QK^T and
+        attention x V over the whole sequence (PaLM's convention: the causal mask is not discounted) and
+        ``N_cond`` the AdaLN projections, which run once per sequence. Training (``training=True``) is 3x the
+        forward (backward = 2 matmuls per forward one): ``6 N_tok + 12 L T d + 6 N_cond / T``. Embedding lookups,
+        norms, softmax and other elementwise work are not counted."""
+        cfg = self.cfg
+        per_token = [self.output.weight.numel()]
+        per_sequence = []
+        for block in self.layers:
+            per_token += [p.numel() for p in (*block.attention.parameters(), *block.feed_forward.parameters())]
+            if block.adaln is not None:
+                per_sequence.append(block.adaln[1].weight.numel())
+        if self.final_norm.adaln is not None:
+            per_sequence.append(self.final_norm.adaln[1].weight.numel())
+        T = cfg.block_size
+        forward = 2 * sum(per_token) + 4 * cfg.n_layer * T * cfg.dim + 2 * sum(per_sequence) / T
+        return 3 * forward if training else forward
+
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
