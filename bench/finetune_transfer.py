@@ -117,6 +117,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
               ("tokenizer", "recognised", "tokenizer: B recon recognised"),
               ("ar", "recognised", "AR: B samples recognised")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    budgets = sorted({r["steps"] for r in rows if r["steps"]})
     for ax, (stage, key, title) in zip(axes, panels, strict=True):
         for how, style in (("fine-tune", "o-"), ("scratch", "s--")):
             pts = [(r["steps"], r[key]) for r in rows if r["stage"] == stage and r["start"] == how]
@@ -124,6 +125,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("steps on classes 5-9")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
