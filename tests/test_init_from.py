@@ -45,6 +45,8 @@ def test_resume_with_init_from_is_refused_in_one_line(token_shards, ar_source, t
             train(cfg)
         assert "init_from" in str(err.value) and "resume" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "a").exists() and not (tmp_path / "t").exists()  # refused before anything is made
+    with pytest.raises(ConfigError, match="init_from and run_dir are the same directory"):
+        train_ar(ar_cfg(token_shards, ar_source, [f"init_from={ar_source}", "overwrite=true"]))
 
 
 # ----------------------------------------------------------------------------- class embedding
@@ -79,7 +81,8 @@ def test_ar_fine_tune_on_new_classes(demo_root, tiny_tokenizer, ar_source, tmp_p
     run_dir = tmp_path / "ft"
     out = train_ar(ar_cfg(shards, run_dir, [f"init_from={ar_source}", "train.max_steps=2", "ckpt_every=2",
                                             "train.lr=1e-9", "train.warmup_steps=0", "train.weight_decay=0"]))
-    assert out.step == 2 and "1 kept by name, 1 new" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out.step == 2 and "1 kept by name, 1 new" in printed and "not applied" not in printed
     config = load_config(run_dir)
     assert config["classes"] == sorted([names[3], "my_new_class"])
     assert config[SOURCE_KEY]["dir"] == str(ar_source) and config[SOURCE_KEY]["weights_hash"] == weights_hash(ar_source)
@@ -176,7 +179,10 @@ def test_official_layout_tokenizer_and_generator_at_another_resolution(demo_root
     assert json.loads((tok_run / "eval.json").read_text())["images"] == 8
 
     ar_run = tmp_path / "ar16"
-    out = train_ar(ar_cfg(shards, ar_run, [f"init_from={conv}", "train.max_steps=2", "ckpt_every=2"]))
+    out = train_ar(ar_cfg(shards, ar_run, [f"init_from={conv}", "train.max_steps=2", "ckpt_every=2",
+                                           "generator.model.dim=64"]))
+    printed = capsys.readouterr().out  # the source's architecture is used, the configured width reported
+    assert "'dim'" in printed and "of the config not applied (the source's)" in printed
     config = load_config(ar_run)
     assert config["generator"]["model"]["grid"] == [8, 8] and config["generator"]["model"]["dim"] == 32
     assert out.model.rope.shape[0] == 1 + 64 and config[SOURCE_KEY]["classes_new"] == 10

@@ -136,7 +136,8 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
                          "set train.ema_decay=null")
     model = LlamaGPT(gpt_cfg)
     if source is not None:  # before the EMA copies the weights
-        config[SOURCE_KEY] = init_generator(model, source, manifest.classes, accelerator.is_main_process)
+        config[SOURCE_KEY] = init_generator(model, source, manifest.classes, accelerator.is_main_process,
+                                            OmegaConf.to_container(cfg.generator.model, resolve=True))
     model.set_activation_checkpointing(t.activation_checkpointing)  # training forward only; not the architecture
     raw_model = model
     n_params = model.num_params()  # before any FSDP sharding

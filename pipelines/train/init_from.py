@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from generator.llama import MANIFEST_KEYS
 from pipelines.checkpoint import has_train_state, load_model, load_train_state, weights_hash
 from pipelines.errors import ConfigError, UserError
 from pipelines.options import require_text
@@ -38,9 +39,14 @@ class SourceMismatchError(UserError, ValueError):
 def check_init_from(cfg: Any) -> None:
     """``init_from``: a checkpoint directory or null, and not together with ``resume=true``."""
     require_text(cfg, "init_from", optional=True)
-    if cfg.get("init_from") and cfg.get("resume") is True:
+    if not cfg.get("init_from"):
+        return
+    if cfg.get("resume") is True:
         raise ConfigError("init_from starts a new run from other weights, resume=true continues this run's own "
                           "train_state/: set resume=false or init_from=null")
+    if isinstance(cfg.get("run_dir"), str) and Path(cfg.init_from).resolve() == Path(cfg.run_dir).resolve():
+        raise ConfigError(f"init_from and run_dir are the same directory ({cfg.run_dir}); the new run would replace "
+                          "its source: choose another run_dir")
 
 
 @dataclass
@@ -173,9 +179,11 @@ def rebuild_class_embedding(weight: Tensor, old: list[str], new: list[str]) -> t
     return torch.stack(rows).clone(), {"kept": kept, "new": len(new) - kept}
 
 
-def init_generator(model: nn.Module, source: InitSource, classes: list[str], log: bool) -> dict[str, Any]:
+def init_generator(model: nn.Module, source: InitSource, classes: list[str], log: bool,
+                   configured: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load the source generator into ``model`` (built for the shards' grid and ``classes``); the class embedding is
-    rebuilt when the class lists differ. Returns the record for config.yaml."""
+    rebuilt when the class lists differ. ``configured``: the run's ``generator.model`` (its keys that the source's
+    architecture replaces are reported). Returns the record for config.yaml."""
     state, old = dict(source.state), source_classes(source)
     counts = {"kept": len(classes), "new": 0}
     if old != list(classes):
@@ -187,6 +195,8 @@ def init_generator(model: nn.Module, source: InitSource, classes: list[str], log
         src_grid = "x".join(map(str, source.model_spec.get("grid", [])))
         how = "same classes" if old == list(classes) else \
             f"class embedding rebuilt: {counts['kept']} kept by name, {counts['new']} new (mean of the source's rows)"
+        replaced = [k for k in changed_keys(source.model_spec, configured or {}) if k not in MANIFEST_KEYS]
         print(f"init_from {source.directory} (weights {source.weights_hash}): {len(old)} -> {len(classes)} classes, "
-              f"{how}, null row carried | grid {src_grid} -> {grid}")
+              f"{how}, null row carried | grid {src_grid} -> {grid}"
+              + (f" | generator.model keys {replaced} of the config not applied (the source's)" if replaced else ""))
     return source.record(source_classes=len(old), classes_kept=counts["kept"], classes_new=counts["new"])
