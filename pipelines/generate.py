@@ -55,10 +55,11 @@ def load_pipeline(ckpt_dir: str | Path, tokenizer_dir: str | Path | None = None,
         raise MissingCheckpointError(f"{ckpt_dir}/config.yaml records no tokenizer_dir; pass the tokenizer explicitly")
     check_tokenizer(tok_dir, config)
     tokenizer = load_tokenizer(tok_dir, device)
-    grid = model.cfg.grid
-    if tokenizer.cfg.num_codes != model.cfg.vocab_size or (tokenizer.cfg.grid, tokenizer.cfg.grid) != grid:
-        raise TokenizerMismatchError(f"tokenizer {tok_dir} has {tokenizer.cfg.num_codes} codes on a "
-                                     f"{tokenizer.cfg.grid}-grid, the generator {model.cfg.vocab_size} codes on {grid}")
+    # Codebook sizes must agree; the grid may differ from the tokenizer's training grid (convolutional with global
+    # attention: a generator fine-tuned on tokens extracted at another resolution decodes at that resolution).
+    if tokenizer.cfg.num_codes != model.cfg.vocab_size:
+        raise TokenizerMismatchError(f"tokenizer {tok_dir} has {tokenizer.cfg.num_codes} codes, the generator "
+                                     f"{model.cfg.vocab_size}")
     return model, tokenizer, config
 
 

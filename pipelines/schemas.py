@@ -31,6 +31,7 @@ from pipelines.options import (
     require_number_list,
     require_text,
 )
+from pipelines.train.init_from import check_init_from
 from tokenizer.losses import LossConfig
 from tokenizer.model import TokenizerConfig
 from tokenizer.quantizer import IBQConfig
@@ -150,6 +151,7 @@ def check_tokenizer_run(cfg: DictConfig) -> None:
             isinstance(m, bool) or not isinstance(m, int | float) or m < 0 for m in milestones):
         raise ConfigError(f"train.lr_milestones must be a list of epochs (numbers >= 0), got {milestones!r}")
     require_bool(cfg, "eval_at_end")
+    check_init_from(cfg)
 
 
 def check_ar_run(cfg: DictConfig) -> None:
@@ -165,6 +167,7 @@ def check_ar_run(cfg: DictConfig) -> None:
     require_number(cfg, "train.final_lr_ratio", 0, 1)
     require_bool(cfg, "train.compile")
     require_bool(cfg, "train.activation_checkpointing")
+    check_init_from(cfg)
 
 
 def config_keys(cfg: Any) -> dict[str, Any]:

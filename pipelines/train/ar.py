@@ -38,6 +38,7 @@ from pipelines.progress import progress_bar
 from pipelines.run_log import RunLogger
 from pipelines.schemas import check_ar_run
 from pipelines.tokens.shards import ShardManifest, TokenShardDataset
+from pipelines.train.init_from import SOURCE_KEY, InitSource, check_source_tokenizer, init_generator
 from pipelines.train.loop import Checkpointer, Progress, TrainOutcome, Window, due, lr_setter, start_run, train_batches
 
 
@@ -112,7 +113,11 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
                                   expect_tokenizer_hash=saved.get("tokenizer_hash") if saved else None)
     manifest = train_set.manifest
     resuming = saved is not None and has_train_state(run_dir)
-    gpt_cfg = model_config(cfg, manifest, saved if resuming else None)
+    # init_from: a new run from another generator's weights (its architecture; pipelines/train/init_from.py).
+    source = InitSource.read(cfg.init_from, "generator") if cfg.init_from else None
+    if source is not None:
+        check_source_tokenizer(source, manifest, cfg.shards)
+    gpt_cfg = model_config(cfg, manifest, saved if resuming else source.config if source else None)
     if resuming and gpt_cfg != (given := model_config(cfg, manifest)) and accelerator.is_main_process:
         changed = sorted(k for k, v in gpt_cfg.to_dict().items() if given.to_dict()[k] != v)
         print(f"resuming {run_dir}: the model is the run's own (config.yaml); generator.model keys {changed} "
@@ -130,6 +135,9 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
         raise ConfigError("train.ema_decay with FSDP is not supported (the EMA would hold a full copy per process); "
                          "set train.ema_decay=null")
     model = LlamaGPT(gpt_cfg)
+    if source is not None:  # before the EMA copies the weights
+        config[SOURCE_KEY] = init_generator(model, source, manifest.classes, accelerator.is_main_process,
+                                            OmegaConf.to_container(cfg.generator.model, resolve=True))
     model.set_activation_checkpointing(t.activation_checkpointing)  # training forward only; not the architecture
     raw_model = model
     n_params = model.num_params()  # before any FSDP sharding

@@ -33,6 +33,13 @@ from pipelines.images import save_rows
 from pipelines.progress import progress_bar
 from pipelines.run_log import RunLogger
 from pipelines.schemas import check_tokenizer_run
+from pipelines.train.init_from import (
+    SOURCE_KEY,
+    InitSource,
+    init_tokenizer,
+    source_discriminator,
+    tokenizer_config,
+)
 from pipelines.train.loop import (
     Checkpointer,
     Progress,
@@ -94,6 +101,10 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
     set_seed(cfg.seed)
     run_dir, is_main = Path(cfg.run_dir), accelerator.is_main_process
     config = OmegaConf.to_container(cfg, resolve=True)
+    # init_from: a new run from another tokenizer's weights and architecture (pipelines/train/init_from.py).
+    source = InitSource.read(cfg.init_from, "tokenizer") if cfg.init_from else None
+    source_disc = source_discriminator(source) if source is not None else None
+    replaced = tokenizer_config(config, source, source_disc) if source is not None else []
 
     # Models, loss, optimizers (the codebook may have its own lr multiplier).
     model_cfg = TokenizerConfig.from_dict(config["tokenizer"]["model"])
@@ -102,6 +113,8 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> TrainOutcome:
         else None
     model = ImageTokenizer(model_cfg)
     disc = PatchDiscriminator(base_channels=loss_cfg.disc_channels, num_layers=loss_cfg.disc_layers)
+    if source is not None:  # before the EMA copies the weights
+        config[SOURCE_KEY] = init_tokenizer(model, disc, source, source_disc, d.resolution, is_main, replaced)
     criterion = TokenizerLoss(loss_cfg, perceptual).to(accelerator.device)
     ema = EMA(model, t.ema_decay)
     ema.model.to(accelerator.device)
