@@ -37,6 +37,7 @@ from pipelines.checkpoint import (
     save_train_state,
 )
 from pipelines.cli import require_int, require_number
+from pipelines.curves import write_curves
 from pipelines.data import EpochBatchSampler
 from pipelines.errors import ConfigError, RunDirError
 from pipelines.run_log import METRICS_FILE
@@ -208,6 +209,7 @@ class Checkpointer:
             else:
                 save_train_state(self.run_dir, {**state(), **progress.state_dict(), "rng": rng})
             save_model(self.run_dir, weights, self.config)
+            write_curves(self.run_dir)  # curves.png beside metrics.jsonl (a failure is one warning line)
         acc.wait_for_everyone()
 
 
