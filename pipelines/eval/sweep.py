@@ -77,7 +77,7 @@ def sweep_points(cfg: DictConfig) -> list[dict[str, float | None]]:
 
 def point_name(point: dict[str, float | None]) -> str:
     """Folder name of a point: ``cfg1.5_temperature1.0`` (``run`` for a setting left to the run's recipe)."""
-    return "_".join(f"{k}{'run' if v is None else float(v):g}" for k, v in point.items())
+    return "_".join(f"{k}{'run' if v is None else format(float(v), 'g')}" for k, v in point.items())
 
 
 def sweep_dir(cfg: DictConfig) -> Path:
