@@ -72,6 +72,7 @@ class FakeEvaluation:
         self.calls: list[tuple[str, dict]] = []
 
     def gen(self, cfg, device):
+        assert Path(cfg.sweep_dir) == Path(cfg.save_samples).parent  # the point's JSON goes to its own folder
         generated = generate_samples(cfg, Extractors(), keep_images=True, shard=False)
         save_images_npz(cfg.save_samples, generated.images, generated.labels)
         self.calls.append(("gen", {"cfg": cfg.cfg, "temperature": cfg.temperature, "seed": cfg.seed}))

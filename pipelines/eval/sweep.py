@@ -109,7 +109,7 @@ def _evaluate_point(cfg: DictConfig, device: torch.device, point: dict[str, floa
                     modes: dict[str, Callable[[DictConfig, torch.device], dict | None]]) -> dict | None:
     """Generate (unless the samples exist) and evaluate one point; its record (metrics ...) on the main process."""
     samples = folder / SAMPLES_FILE
-    sub = OmegaConf.merge(cfg, {**point, "sweep_dir": None})
+    sub = OmegaConf.merge(cfg, {**point, "sweep_dir": str(folder)})  # the point's JSON goes there, not beside ar
     if samples.is_file():  # samples of an interrupted run: evaluate them, no new sampling
         print(f"sweep point {folder.name}: evaluating the samples already in {samples}")
         if cfg.mode == "gen":
