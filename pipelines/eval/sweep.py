@@ -23,7 +23,6 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipelines.errors import ConfigError
-from pipelines.eval.metrics import format_table
 from pipelines.generate import check_sampling_options
 from pipelines.util import atomic_write, atomic_write_text
 
@@ -164,17 +163,27 @@ def _csv_text(rows: list[dict[str, Any]], best: int | None) -> str:
     return buf.getvalue()
 
 
+def sweep_table(rows: list[dict[str, Any]], best: int | None) -> str:
+    """The rows as a Markdown table (columns nothing filled left out; floats to 4 significant digits; ``*``: best)."""
+    shown = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+
+    def cell(v: Any) -> str:
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(shown) + " | best |", "|" + "---|" * (len(shown) + 1)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in shown) + f" | {'*' if i == best else ''} |"
+              for i, r in enumerate(rows)]
+    return "\n".join(lines)
+
+
 def write_sweep(out: Path, rows: list[dict[str, Any]], about: dict[str, Any]) -> dict[str, Any]:
     """``sweep.csv``, ``sweep.json`` and ``sweep.png`` in ``out``; prints the table. Returns the JSON's content."""
     best, criterion = best_index(rows)
     summary = {**about, "columns": list(COLUMNS), "rows": rows, "best": best, "best_by": criterion}
     atomic_write_text(out / "sweep.csv", _csv_text(rows, best))
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=1, default=str))
-    shown = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
-    print(format_table([(" ".join(f"{c}={r[c]}" for c in SWEEP_KEYS if r[c] is not None) + (" *" if i == best else ""),
-                         ", ".join(f"{c} {r[c]:.4g}" if isinstance(r[c], float) else f"{c} {r[c]}"
-                                   for c in shown if c not in SWEEP_KEYS and r[c] is not None))
-                        for i, r in enumerate(rows)], f"sweep ({len(rows)} points; * best by {criterion})"))
+    print(f"sweep: {len(rows)} points" + (f", best by {criterion} marked *" if criterion else ""))
+    print(sweep_table(rows, best))
     try:
         plot_sweep(rows, best, out / "sweep.png")
         print(f"written to {out}/sweep.csv, sweep.json, sweep.png")
