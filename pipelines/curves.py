@@ -17,8 +17,8 @@ from pipelines.run_log import METRICS_FILE
 from pipelines.util import atomic_write
 
 CURVES_FILE = "curves.png"
-# Bookkeeping columns, not curves.
-NOT_CURVES = ("step", "epoch", "seconds", "samples_per_sec", "images_per_sec", "tokens_per_sec")
+# Bookkeeping columns, not curves (throughput such as tokens_per_s is a curve: it shows slow-downs).
+NOT_CURVES = ("step", "epoch")
 # Keys that get a logarithmic y axis (the learning rate spans decades under warm-up and decay).
 LOG_SCALE = ("lr",)
 

@@ -19,6 +19,7 @@ from pipelines.eval.modes import Extractors, generate_samples
 from pipelines.eval.sweep import (
     METRICS_FILE,
     SAMPLES_FILE,
+    SETTINGS_FILE,
     best_index,
     point_name,
     run_sweep,
@@ -138,6 +139,10 @@ def test_sweep_writes_rows_and_resumes(ar_run, tmp_path, monkeypatch):
     fake.calls.clear()
     run_sweep(tool_config("fid", [*args, "cfg=[1.0,2.0]"]), torch.device("cpu"), fake.modes())
     assert fake.calls == [("gen", {"cfg": 2.0, "temperature": 1.0, "seed": 3})]  # only the new point
+    fake.calls.clear()
+    run_sweep(tool_config("fid", [*args, "cfg=[1.0]", "seed=4"]), torch.device("cpu"), fake.modes())
+    assert fake.calls == [("gen", {"cfg": 1.0, "temperature": 1.0, "seed": 4})]  # other settings: made again
+    assert json.loads((out / "cfg1_temperature1" / SETTINGS_FILE).read_text())["seed"] == 4
 
 
 def test_a_sweep_needs_an_ar_run():

@@ -3,7 +3,8 @@
 Every point is evaluated with the same seeds (sample i of class c is seeded by (seed, c, i) whatever the
 settings), so rows differ only by the settings. Each point keeps its samples (``samples.npz``) and its metrics
 (``metrics.json``) in ``<sweep_dir>/<point>/``; a point whose samples and metrics exist is not recomputed, and a
-point whose samples exist but metrics do not is only evaluated. The table goes to ``sweep.csv`` and
+point whose samples exist but metrics do not is only evaluated. A point made under other settings (``per_class``,
+``seed``, ``ar`` ...: ``settings.json`` in its folder) is made again. The table goes to ``sweep.csv`` and
 ``sweep.json`` and the picture (FID and recall against the swept setting, precision against recall, the best
 point marked) to ``sweep.png``. ``cfg=1.0`` is the row without guidance.
 """
@@ -28,7 +29,10 @@ from pipelines.util import atomic_write, atomic_write_text
 
 SWEEP_KEYS = ("cfg", "temperature")  # the sampling settings a list sweeps
 SWEEP_MODES = ("gen", "demo")
-SAMPLES_FILE, METRICS_FILE = "samples.npz", "metrics.json"
+SAMPLES_FILE, METRICS_FILE, SETTINGS_FILE = "samples.npz", "metrics.json", "settings.json"
+# What else makes a point's samples and metrics: a point done under other values of these is done again.
+SETTING_KEYS = ("mode", "ar", "ref", "per_class", "classes", "seed", "cfg_schedule", "top_k", "top_p", "metrics",
+                "max_images", "resolution", "demo_data", "weights")
 # The table's metric columns; mode=demo names the Inception ones sample_fid ... (read as fid ...).
 METRIC_COLUMNS = ("num_samples", "fid", "inception_score", "precision", "recall", "fd_demo", "sample_accuracy")
 COLUMNS = (*SWEEP_KEYS, *METRIC_COLUMNS)
@@ -104,12 +108,26 @@ def best_index(rows: list[dict[str, Any]]) -> tuple[int | None, str | None]:
     return None, None
 
 
+def point_settings(cfg: DictConfig, point: dict[str, float | None]) -> dict[str, Any]:
+    """The settings a point's files were made with (compared on resume)."""
+    return {**point, **OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(SETTING_KEYS)), resolve=True)}
+
+
+def _same_settings(folder: Path, settings: dict[str, Any]) -> bool:
+    try:
+        return json.loads((folder / SETTINGS_FILE).read_text()) == json.loads(json.dumps(settings))
+    except (OSError, ValueError):
+        return False
+
+
 def _evaluate_point(cfg: DictConfig, device: torch.device, point: dict[str, float | None], folder: Path,
-                    modes: dict[str, Callable[[DictConfig, torch.device], dict | None]]) -> dict | None:
-    """Generate (unless the samples exist) and evaluate one point; its record (metrics ...) on the main process."""
+                    modes: dict[str, Callable[[DictConfig, torch.device], dict | None]],
+                    reuse_samples: bool = True) -> dict | None:
+    """Generate (unless the samples exist and ``reuse_samples``) and evaluate one point; its record (metrics ...)
+    on the main process."""
     samples = folder / SAMPLES_FILE
     sub = OmegaConf.merge(cfg, {**point, "sweep_dir": str(folder)})  # the point's JSON goes there, not beside ar
-    if samples.is_file():  # samples of an interrupted run: evaluate them, no new sampling
+    if reuse_samples and samples.is_file():  # samples of an interrupted run: evaluate them, no new sampling
         print(f"sweep point {folder.name}: evaluating the samples already in {samples}")
         if cfg.mode == "gen":
             sub = OmegaConf.merge(sub, {"mode": "samples", "samples": str(samples), "ar": None})
@@ -137,14 +155,23 @@ def run_sweep(cfg: DictConfig, device: torch.device,
     for point in points:
         folder = out / point_name(point)
         done = folder / METRICS_FILE
-        if done.is_file() and (folder / SAMPLES_FILE).is_file():
+        settings = point_settings(cfg, point)
+        fresh = not _same_settings(folder, settings)
+        if fresh:  # new, or made with other settings: start the point afresh
+            if main:
+                for stale in (done, folder / SAMPLES_FILE):
+                    if stale.is_file():
+                        print(f"sweep point {folder.name}: {stale.name} was made with other settings; redoing it")
+                        stale.unlink()
+                atomic_write_text(folder / SETTINGS_FILE, json.dumps(settings, indent=1))
+        elif done.is_file() and (folder / SAMPLES_FILE).is_file():
             if main:
                 print(f"sweep point {folder.name}: done already ({done})")
                 rows.append(row_of(point, json.loads(done.read_text())["metrics"]))
             continue
-        if not main and (folder / SAMPLES_FILE).is_file():
+        elif not main and (folder / SAMPLES_FILE).is_file():
             continue  # evaluated by the main process alone
-        record = _evaluate_point(cfg, device, point, folder, modes)
+        record = _evaluate_point(cfg, device, point, folder, modes, reuse_samples=not fresh)
         if main and record is not None:
             atomic_write_text(done, json.dumps({**record, "point": point}, indent=1, default=str))
             rows.append(row_of(point, record["metrics"]))
