@@ -220,8 +220,8 @@ def write_sweep(out: Path, rows: list[dict[str, Any]], about: dict[str, Any]) ->
 
 
 def plot_sweep(rows: list[dict[str, Any]], best: int | None, path: Path) -> Path:
-    """FID (fd_demo without FID) and recall against the swept setting (one line per value of the other), and
-    precision against recall; the best point is a star."""
+    """FID (fd_demo without FID) and recall (recognition without it) against the swept setting (one line per value
+    of the other), and precision against recall; the best point is a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +236,9 @@ def plot_sweep(rows: list[dict[str, Any]], best: int | None, path: Path) -> Path
         groups.setdefault(r[other] if other in swept else None, []).append(i)
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = ((axes[0], score, score), (axes[1], "recall", "recall (precision dashed)"))
+    second = ("recall", "recall (precision dashed)") if any(_finite(r["recall"]) for r in rows) else (
+        "sample_accuracy", "recognition (demo classifier)")  # demo mode without the Inception metrics
+    panels = ((axes[0], score, score), (axes[1], *second))
     for ax, key, title in panels:
         for value, idx in groups.items():
             idx = sorted(idx, key=lambda i: rows[i][x_key] if rows[i][x_key] is not None else -1)
@@ -255,7 +257,10 @@ def plot_sweep(rows: list[dict[str, Any]], best: int | None, path: Path) -> Path
         ax.set_xlabel("guidance scale (cfg)" if x_key == "cfg" else x_key)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, f"{key} unavailable", ha="center", va="center", transform=ax.transAxes, fontsize=8)
     ax = axes[2]
     pr = [(i, r["recall"], r["precision"]) for i, r in enumerate(rows) if _finite(r["recall"]) and
           _finite(r["precision"])]
