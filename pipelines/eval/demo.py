@@ -156,4 +156,5 @@ def run_demo(cfg: DictConfig, device: torch.device) -> dict | None:
         labels = torch.from_numpy(samples.labels)
     val_features = extract_features(val, Extractors(classifier=classifier), cfg.batch_size, "classifier: demo val")
     report.rows += judge_samples(cfg, features, labels, val, val_features, feats, names).rows()
-    return finish(cfg, report, Path(cfg.ar or Path(cfg.samples).parent) / "demo_eval.json", extra=extra)
+    return finish(cfg, report, Path(cfg.sweep_dir or cfg.ar or Path(cfg.samples).parent) / "demo_eval.json",
+                  extra=extra)  # sweep_dir: the folder of a sweep point

@@ -5,6 +5,7 @@
     python tools/fid.py mode=recon tokenizer=runs/tokenizer_demo data=data/demo split=val
     accelerate launch --num_processes 8 tools/fid.py mode=gen ar=<ckpt> ref=<ref> per_class=50
     python tools/fid.py mode=demo tokenizer=runs/tokenizer_demo ar=runs/ar_demo
+    python tools/fid.py mode=gen ar=<ckpt> ref=<ref> cfg=[1.0,1.5,2.0,2.5,3.0]  # a sweep (pipelines/eval/sweep.py)
 
 See conf/tools/fid.yaml for every option and pipelines/eval/modes.py for the protocol. Results are printed as a table
 and appended (with the full config) to ``results`` (runs/results.jsonl).
@@ -22,6 +23,7 @@ from pipelines.errors import ConfigError
 from pipelines.eval.demo import run_demo
 from pipelines.eval.inception import CONVERTED_FILE, inception_cache_dir, prepare_inception_weights
 from pipelines.eval.modes import run_gen, run_recon, run_samples
+from pipelines.eval.sweep import SWEEP_KEYS, check_sweep, is_sweep, run_sweep
 from pipelines.generate import SAMPLING_KEYS, check_sampling_options
 from pipelines.util import pick_device
 
@@ -63,9 +65,11 @@ def check_options(cfg: DictConfig) -> None:
     require_int(cfg, "max_images", 2, optional=True)
     require_int(cfg, "resolution", 8, optional=True)
     require_int(cfg, "seed", 0)
-    check_sampling_options({k: cfg[k] for k in SAMPLING_KEYS})
+    check_sweep(cfg)  # cfg / temperature: a number, or a list of them (a sweep)
+    check_sampling_options({k: None if k in SWEEP_KEYS and isinstance(cfg[k], ListConfig) else cfg[k]
+                            for k in SAMPLING_KEYS})
     for key in ("samples", "ref", "save_stats", "stats_cache", "weights", "results", "tokenizer", "data", "ar",
-                "save_samples", "vgg_weights"):
+                "save_samples", "vgg_weights", "sweep_dir"):
         require_text(cfg, key, optional=True)
     for key in ("split", "device", "demo_data", "classifier"):
         require_text(cfg, key)
@@ -80,6 +84,8 @@ def evaluate(cfg: DictConfig) -> dict | None:
         return None
     check_options(cfg)
     device = pick_device(cfg.device)
+    if is_sweep(cfg):
+        return run_sweep(cfg, device, MODES)
     if cfg.mode != "gen":
         from accelerate import PartialState
 

@@ -418,5 +418,5 @@ def run_gen(cfg: DictConfig, device: torch.device) -> dict | None:
     metrics = generation_metrics(cfg, samples.features, ref_stats, ref_pool)
     report = Report(f"{cfg.ar}: {cfg.per_class} samples per class vs {cfg.ref}",
                     [("num_samples", len(samples.labels)), *metrics.rows()])
-    return finish(cfg, report, Path(cfg.ar) / "gen_eval.json",
+    return finish(cfg, report, Path(cfg.sweep_dir or cfg.ar) / "gen_eval.json",  # a sweep point: its folder
                   extra={"inception_weights": str(feats.weights), "reference": origin, "sampling": samples.sampling})

@@ -37,6 +37,7 @@ from pipelines.checkpoint import (
     save_train_state,
 )
 from pipelines.cli import require_int, require_number
+from pipelines.curves import write_curves
 from pipelines.data import EpochBatchSampler
 from pipelines.errors import ConfigError, RunDirError
 from pipelines.run_log import METRICS_FILE
@@ -215,6 +216,7 @@ class Checkpointer:
                 scaler = acc.scaler.state_dict() if acc.scaler is not None else None  # fp16's loss scale
                 save_train_state(self.run_dir, {**state(), **progress.state_dict(), "rng": rng, "grad_scaler": scaler})
             save_model(self.run_dir, weights, self.config)
+            write_curves(self.run_dir)  # curves.png beside metrics.jsonl (a failure is one warning line)
         acc.wait_for_everyone()
 
 
