@@ -78,6 +78,11 @@ RECIPES.update({
     "photos_res1": ("demo with a residual block per level in encoder and decoder",
                     ["tokenizer.model.enc_res_blocks=1", "tokenizer.model.dec_res_blocks=1"]),
     "photos_lr_1e-3": ("demo with lr 1e-3 (demo: 4e-4)", ["train.lr=1e-3"]),
+    "photos_norm_none_channel_shuffle": ("photos_norm_none trained on crops with shuffled RGB channels (run it with "
+                                         "data=<make_photo_data.py channel_shuffle=true>/64px)",
+                                         ["tokenizer.model.norm=none"]),
+    "photos_norm_none_lr_1e-3": ("demo without normalisation layers, lr 1e-3",
+                                 ["tokenizer.model.norm=none", "train.lr=1e-3"]),
 })
 
 
@@ -193,7 +198,8 @@ def main(argv: list[str]) -> None:
     rule = "|---|---|---|---|---|---|---|"
     if judge is not None:
         header, rule = header + " recognised | worst class |", rule + "---|---|"
-    lines = [row(k, v, judge is not None) for k, v in baseline_rows(val, judge, grid).items()]
+    baselines = baseline_rows(val, judge, grid) if args.get("baselines", "true") == "true" else {}
+    lines = [row(k, v, judge is not None) for k, v in baselines.items()]
     preview = preview_images(val)
     picture = [preview, *[v for k, v in baseline_reconstructions(preview, grid).items() if "mean colour" not in k]]
     out.mkdir(parents=True, exist_ok=True)

@@ -66,17 +66,20 @@ def random_crop(photo: Image.Image, rng: np.random.Generator, size: int, min_sca
     return left, top, side, bool(flip and rng.random() < 0.5)
 
 
-def render_crop(photo: Image.Image, box: tuple[int, int, int, bool], size: int) -> Image.Image:
+def render_crop(photo: Image.Image, box: tuple[int, int, int, bool], size: int,
+                channels: Sequence[int] = (0, 1, 2)) -> Image.Image:
+    """The crop resized to ``size``, flipped if drawn so, with its RGB channels in the order ``channels``."""
     left, top, side, flipped = box
     img = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
-    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else img
+    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else img
+    return img if tuple(channels) == (0, 1, 2) else Image.merge("RGB", [img.split()[c] for c in channels])
 
 
 def _meta(seed: int, train_per_photo: int, val_per_photo: int, size: int, min_scale: float,
-          max_scale: float) -> dict:
+          max_scale: float, channel_shuffle: bool) -> dict:
     return {"format_version": FORMAT_VERSION, "seed": seed, "train_per_photo": train_per_photo,
             "val_per_photo": val_per_photo, "size": size, "min_scale": min_scale, "max_scale": max_scale,
-            "train": list(TRAIN_PHOTOS), "val": list(VAL_PHOTOS)}
+            "channel_shuffle": channel_shuffle, "train": list(TRAIN_PHOTOS), "val": list(VAL_PHOTOS)}
 
 
 def _is_complete(root: Path, meta: dict) -> bool:
@@ -91,15 +94,17 @@ def _is_complete(root: Path, meta: dict) -> bool:
 
 def make_photo_dataset(root: str | Path, sizes: Sequence[int] = (64, 128), train_per_photo: int = 500,
                        val_per_photo: int = 150, seed: int = 0, min_scale: float = 0.15, max_scale: float = 0.6,
-                       overwrite: bool = False) -> list[Path]:
+                       overwrite: bool = False, channel_shuffle: bool = False) -> list[Path]:
     """Write ``<root>/<size>px`` for every size (reusing a complete tree with the same parameters unless
-    ``overwrite``) and return those directories. A tree is built in a temporary sibling and renamed into place."""
+    ``overwrite``) and return those directories. A tree is built in a temporary sibling and renamed into place.
+    ``channel_shuffle`` puts each train crop's RGB channels in a random order (colour augmentation: seven
+    photographs hold few of the colours a held-out one may have, e.g. a blue sky)."""
     root, sizes = Path(root), [int(s) for s in sizes]
     if seed < 0 or train_per_photo < 1 or val_per_photo < 1 or not sizes or min(sizes) < 8:
         raise ConfigError("need seed >= 0, train_per_photo >= 1, val_per_photo >= 1 and every size >= 8")
     if not 0 < min_scale <= max_scale <= 1:
         raise ConfigError(f"need 0 < min_scale <= max_scale <= 1, got {min_scale}, {max_scale}")
-    metas = {s: _meta(seed, train_per_photo, val_per_photo, s, min_scale, max_scale) for s in sizes}
+    metas = {s: _meta(seed, train_per_photo, val_per_photo, s, min_scale, max_scale, channel_shuffle) for s in sizes}
     todo = [s for s in sizes if overwrite or not _is_complete(root / f"{s}px", metas[s])]
     root.mkdir(parents=True, exist_ok=True)
     tmps = {s: Path(tempfile.mkdtemp(prefix=f".{s}px.tmp-", dir=root)) for s in todo}
@@ -113,8 +118,9 @@ def make_photo_dataset(root: str | Path, sizes: Sequence[int] = (64, 128), train
                 for i in range(count):
                     rng = np.random.default_rng([seed, split_id, pi, i])
                     box = random_crop(photo, rng, max(sizes), min_scale, max_scale, flip=split == "train")
+                    order = rng.permutation(3) if channel_shuffle and split == "train" else (0, 1, 2)
                     for s, tmp in tmps.items():
-                        render_crop(photo, box, s).save(tmp / split / name / f"{i:05d}.png")
+                        render_crop(photo, box, s, order).save(tmp / split / name / f"{i:05d}.png")
         for s, tmp in tmps.items():
             tmp.chmod(0o755)
             (tmp / META_FILE).write_text(json.dumps(metas[s], indent=1) + "\n")  # last: marks completion
@@ -127,7 +133,7 @@ def make_photo_dataset(root: str | Path, sizes: Sequence[int] = (64, 128), train
 
 DEFAULTS: dict[str, str | int | bool] = {"root": "data/photos", "sizes": "64,128", "train_per_photo": 500,
                                          "val_per_photo": 150, "seed": 0, "min_scale": "0.15", "max_scale": "0.6",
-                                         "overwrite": False}
+                                         "channel_shuffle": False, "overwrite": False}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("sizes must be integers separated by commas (e.g. 64,128) and min_scale / "
                               "max_scale numbers") from None
         dirs = make_photo_dataset(str(cfg["root"]), sizes, int(cfg["train_per_photo"]), int(cfg["val_per_photo"]),
-                                  int(cfg["seed"]), *scales, overwrite=bool(cfg["overwrite"]))
+                                  int(cfg["seed"]), *scales, overwrite=bool(cfg["overwrite"]),
+                                  channel_shuffle=bool(cfg["channel_shuffle"]))
     except (UserError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

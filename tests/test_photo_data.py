@@ -1,6 +1,7 @@
 """The photo dataset: held-out photographs never reach train, sizes, determinism from the seed."""
 
 import hashlib
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,16 @@ def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert main([f"root={tmp_path}", "sizes=16,x"]) == 2
     assert "sizes must be integers" in capsys.readouterr().err
     assert photo_path("astronaut").is_file()
+
+
+def test_channel_shuffle_permutes_train_crops_only(built: Path, tmp_path: Path) -> None:
+    make_photo_dataset(tmp_path, sizes=(16,), train_per_photo=3, val_per_photo=2, seed=5, channel_shuffle=True)
+    plain, shuffled = built / "16px", tmp_path / "16px"
+    assert _digests(plain / "val") == _digests(shuffled / "val")
+    changed = 0
+    for f in sorted((plain / "train").rglob("*.png")):
+        a = np.asarray(Image.open(f))
+        b = np.asarray(Image.open(shuffled / f.relative_to(plain)))
+        assert any(np.array_equal(a[..., list(p)], b) for p in itertools.permutations(range(3)))
+        changed += not np.array_equal(a, b)
+    assert changed > 0
