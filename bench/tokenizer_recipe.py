@@ -8,6 +8,13 @@ demo classifier still recognises the class of each reconstruction (overall and t
     python bench/tokenizer_recipe.py                                   # every recipe, 300 steps each
     python bench/tokenizer_recipe.py recipes=demo,vq_16k steps=600 threads=2
     python bench/tokenizer_recipe.py list=true                         # names and overrides only
+    python bench/tokenizer_recipe.py data=data/photos/64px recipes=photos_64,photos_demo steps=2000   # photographs
+
+On a dataset other than the demo (e.g. the photographs of ``tools/make_photo_data.py``) the demo classifier does not
+apply: rows report PSNR, SSIM, utilisation and perplexity beside three baselines (mean colour, average pooling and a
+bicubic down-and-up resize at the token grid), and ``<out>/grid.png`` shows val originals above each row's
+reconstructions. The ``no_quantizer`` recipes train the same autoencoder with the quantizer replaced by the identity:
+the ceiling a quantizer is judged against (it has no tokens, so no utilisation).
 
 Each recipe is a list of Hydra overrides of ``conf/train_tokenizer.yaml`` trained with the real trainer
 (``pipelines.train.tokenizer``), so a row is exactly what ``make train-tokenizer ARGS="..."`` would give.
@@ -16,9 +23,12 @@ Results go to ``<out>/<recipe>/`` (a normal run directory) and ``<out>/results.j
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +36,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipelines.data import ImageFolderDataset
-from pipelines.eval.demo import ReconRecognition, baseline_rows
+from pipelines.cli import register_configs
+from pipelines.data import ImageFolderDataset, collate_images
+from pipelines.eval.demo import ReconRecognition, baseline_reconstructions, baseline_rows
 from pipelines.eval.demo_classifier import DEMO_CLASSIFIER_DIR
+from pipelines.eval.metrics import ssim
 from pipelines.eval.recon import evaluate_reconstruction
+from pipelines.images import psnr, save_rows, to_uint8
 from pipelines.train.tokenizer import train
+from tokenizer import quantizer as quantizers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 IBQ_ARGS = "tokenizer.model.quantizer_args"
@@ -53,29 +67,110 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "vq_16k": ("plain VQ, 16,384 codes", [*VQ, "tokenizer.model.num_codes=16384"]),
 }
 
+# On photographs (data=data/photos/64px): the demo recipe, its no-quantizer ceiling, then one change at a time.
+NO_QUANTIZER = ["tokenizer.model.quantizer=none", f"{IBQ_ARGS}=null"]
+RECIPES.update({
+    "photos_demo": ("the make-demo recipe on photographs", []),
+    "photos_demo_no_quantizer": ("the demo autoencoder without a quantizer (ceiling)", NO_QUANTIZER),
+    "photos_norm_none": ("demo without normalisation layers", ["tokenizer.model.norm=none"]),
+    "photos_norm_none_no_quantizer": ("demo without normalisation layers or quantizer (ceiling)",
+                                      ["tokenizer.model.norm=none", *NO_QUANTIZER]),
+    "photos_res1": ("demo with a residual block per level in encoder and decoder",
+                    ["tokenizer.model.enc_res_blocks=1", "tokenizer.model.dec_res_blocks=1"]),
+    "photos_lr_1e-3": ("demo with lr 1e-3 (demo: 4e-4)", ["train.lr=1e-3"]),
+    "photos_norm_none_channel_shuffle": ("photos_norm_none trained on crops with shuffled RGB channels (run it with "
+                                         "data=<make_photo_data.py channel_shuffle=true>/64px)",
+                                         ["tokenizer.model.norm=none"]),
+    "photos_norm_none_lr_1e-3": ("demo without normalisation layers, lr 1e-3",
+                                 ["tokenizer.model.norm=none", "train.lr=1e-3"]),
+})
 
-def compose_recipe(overrides: list[str], run_dir: Path, steps: int, data_root: str) -> Any:
+
+class IdentityQuantizer(torch.nn.Module):
+    """No quantizer: the continuous autoencoder, for the ceiling rows. Every latent is "code 0"."""
+
+    def __init__(self, num_codes: int, dim: int, cfg: Any = None) -> None:
+        super().__init__()
+        self.num_codes = num_codes
+
+    def forward(self, z: torch.Tensor) -> quantizers.QuantizerOutput:
+        idx = torch.zeros(z.shape[0], z.shape[2], z.shape[3], dtype=torch.long, device=z.device)
+        return quantizers.QuantizerOutput(z, idx, z.new_zeros(()), stats=quantizers.codebook_stats(idx, 1))
+
+    def codebook_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return iter(())
+
+
+@dataclasses.dataclass
+class NoOptions:
+    pass
+
+
+@contextlib.contextmanager
+def identity_quantizer() -> Iterator[None]:
+    """``tokenizer.model.quantizer=none`` while a ceiling recipe trains (the library has no such quantizer)."""
+    quantizers.QUANTIZERS["none"] = (IdentityQuantizer, NoOptions)
+    try:
+        yield
+    finally:
+        del quantizers.QUANTIZERS["none"]
+
+
+def compose_recipe(overrides: list[str], run_dir: Path, steps: int, data_root: str, resolution: int) -> Any:
+    register_configs()  # _hydra and the schemas that conf/tokenizer/*.yaml extend, in the ConfigStore
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose("train_tokenizer", overrides=[
             *overrides, f"run_dir={run_dir}", f"train.max_steps={steps}", f"data.root={data_root}",
-            "eval_at_end=false", "tensorboard=false", "overwrite=true", f"image_every={steps}", f"ckpt_every={steps}",
-            f"log_every={max(1, steps // 4)}"])
+            f"data.resolution={resolution}", "eval_at_end=false", "tensorboard=false", "overwrite=true",
+            f"image_every={steps}", f"ckpt_every={steps}", f"log_every={max(1, steps // 4)}"])
 
 
-def evaluate(model: torch.nn.Module, val: ImageFolderDataset, judge: ReconRecognition) -> dict[str, Any]:
+@torch.no_grad()
+def evaluate_ceiling(model: torch.nn.Module, val: ImageFolderDataset) -> dict[str, Any]:
+    """PSNR and SSIM of a model without tokens (the identity quantizer), as ``evaluate_reconstruction`` computes
+    them."""
+    model.eval()
+    x, _ = collate_images([val[i] for i in range(len(val))])
+    rec = torch.cat([model(b)[0] for b in x.split(100)]).clamp(-1, 1)
+    x8, r8 = (to_uint8(t).permute(0, 3, 1, 2).float() for t in (x, rec))
+    return {"psnr": float(psnr(x, rec).mean()), "ssim": float(ssim(x8, r8).mean())}
+
+
+def evaluate(model: torch.nn.Module, val: ImageFolderDataset, judge: ReconRecognition | None) -> dict[str, Any]:
+    if isinstance(model.quantizer, IdentityQuantizer):
+        return evaluate_ceiling(model, val)
+    if judge is None:
+        return evaluate_reconstruction(model, val, batch_size=100)
     judge.reset()
     result = evaluate_reconstruction(model, val, batch_size=100, on_batch=judge)
     return {**result, **judge.summary()}
 
 
-def row(name: str, r: dict[str, Any]) -> str:
-    worst = min((v, k) for k, v in r["recon_accuracy_per_class"].items())
+@torch.no_grad()
+def reconstruct(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    if isinstance(model.quantizer, IdentityQuantizer):
+        return model(x)[0].clamp(-1, 1)
+    return model.decode_tokens(model.tokenize(x)).clamp(-1, 1)
+
+
+def preview_images(val: ImageFolderDataset, per_class: int = 8) -> torch.Tensor:
+    """The first ``per_class`` val images of every class (each held-out photograph), for the picture."""
+    by_class = [[j for j, (_, y) in enumerate(val.samples) if y == c] for c in range(len(val.classes))]
+    picks = [i for indices in by_class for i in indices[:per_class]]
+    return collate_images([val[i] for i in picks])[0]
+
+
+def row(name: str, r: dict[str, Any], recognition: bool) -> str:
     util = f"{r['utilisation']:.1%}" if "utilisation" in r else "-"
     ppl = f"{r['perplexity']:.0f}" if "perplexity" in r else "-"
     steps = r.get("steps", "-")
     minutes = f"{r['minutes']:.1f}" if "minutes" in r else "-"
-    return (f"| {name} | {steps} | {minutes} | {r['psnr']:.2f} | {r['ssim']:.3f} | {util} | {ppl} | "
-            f"{r['recon_accuracy']:.1%} | {worst[0]:.0%} ({worst[1]}) |")
+    line = f"| {name} | {steps} | {minutes} | {r['psnr']:.2f} | {r['ssim']:.3f} | {util} | {ppl} |"
+    if recognition:
+        worst = min((v, k) for k, v in r["recon_accuracy_per_class"].items())
+        line += f" {r['recon_accuracy']:.1%} | {worst[0]:.0%} ({worst[1]}) |"
+    return line
 
 
 def main(argv: list[str]) -> None:
@@ -91,29 +186,41 @@ def main(argv: list[str]) -> None:
     steps, data_root = int(args.get("steps", 300)), args.get("data", "data/demo")
     out = Path(args.get("out", "runs/tokenizer_recipes"))
     torch.set_num_threads(int(args.get("threads", torch.get_num_threads())))
-    resolution = int(OmegaConf.load(CONF / "data" / "demo.yaml").resolution)
+    resolution = int(args.get("resolution", OmegaConf.load(CONF / "data" / "demo.yaml").resolution))
     val = ImageFolderDataset(data_root, "val", resolution, "error")
-    judge = ReconRecognition(data_root, args.get("classifier", DEMO_CLASSIFIER_DIR))
+    # The demo classifier judges demo images only; other data (photographs) get PSNR / SSIM / codebook rows.
+    judge = ReconRecognition(data_root, args.get("classifier", DEMO_CLASSIFIER_DIR)) \
+        if (Path(data_root) / "demo_meta.json").is_file() else None
+    grid = resolution // 8 if "grid" not in args else int(args["grid"])
 
     print(f"{steps} steps per recipe, {torch.get_num_threads()} threads, {len(val)} val images of {data_root}")
-    header = ("| recipe | steps | minutes | PSNR dB | SSIM | utilisation | perplexity | recognised | worst class |\n"
-              "|---|---|---|---|---|---|---|---|---|")
-    lines = [row(k, v) for k, v in baseline_rows(val, judge).items()]
+    header = "| recipe | steps | minutes | PSNR dB | SSIM | utilisation | perplexity |"
+    rule = "|---|---|---|---|---|---|---|"
+    if judge is not None:
+        header, rule = header + " recognised | worst class |", rule + "---|---|"
+    baselines = baseline_rows(val, judge, grid) if args.get("baselines", "true") == "true" else {}
+    lines = [row(k, v, judge is not None) for k, v in baselines.items()]
+    preview = preview_images(val)
+    picture = [preview, *[v for k, v in baseline_reconstructions(preview, grid).items() if "mean colour" not in k]]
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        cfg = compose_recipe(RECIPES[name][1], out / name, steps, data_root)
-        start = time.perf_counter()
-        outcome = train(cfg)
-        minutes = (time.perf_counter() - start) / 60
-        result = {"recipe": name, "overrides": RECIPES[name][1], "steps": steps, "minutes": minutes,
-                  **evaluate(outcome.ema_model, val, judge)}
+        cfg = compose_recipe(RECIPES[name][1], out / name, steps, data_root, resolution)
+        ceiling = "tokenizer.model.quantizer=none" in RECIPES[name][1]
+        with identity_quantizer() if ceiling else contextlib.nullcontext():
+            start = time.perf_counter()
+            outcome = train(cfg)
+            minutes = (time.perf_counter() - start) / 60
+            result = {"recipe": name, "overrides": RECIPES[name][1], "steps": steps, "minutes": minutes,
+                      "data": data_root, **evaluate(outcome.ema_model, val, judge)}
+            picture.append(reconstruct(outcome.ema_model, preview))
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
-        lines.append(row(name, result))
-        print("\n".join([header, *lines]), flush=True)
-    print(f"\nrows also in {out / 'results.jsonl'}")
+        lines.append(row(name, result, judge is not None))
+        save_rows(picture, out / "grid.png")
+        print("\n".join([header, rule, *lines]), flush=True)
+    print(f"\nrows also in {out / 'results.jsonl'}; picture (originals, avg pool, bicubic, then one row per recipe): "
+          f"{out / 'grid.png'}")
 
 
 if __name__ == "__main__":
-
     main(sys.argv[1:])

@@ -297,17 +297,18 @@ DEFAULTS: dict[str, str | int | bool] = {
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
-def parse_args(argv: Sequence[str]) -> dict:
-    """Hydra-style ``key=value`` overrides on top of DEFAULTS, typed like the defaults."""
-    valid = ", ".join(DEFAULTS)
-    cfg = dict(DEFAULTS)
+def parse_args(argv: Sequence[str], defaults: dict[str, str | int | bool] | None = None) -> dict:
+    """Hydra-style ``key=value`` overrides on top of ``defaults`` (DEFAULTS), typed like the defaults."""
+    defaults = DEFAULTS if defaults is None else defaults
+    valid = ", ".join(defaults)
+    cfg = dict(defaults)
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or not key:
             raise ConfigError(f"expected key=value, got {arg!r} (valid keys: {valid})")
-        if key not in DEFAULTS:
+        if key not in defaults:
             raise ConfigError(f"unknown key {key!r} (valid keys: {valid})")
-        default = DEFAULTS[key]
+        default = defaults[key]
         if isinstance(default, bool):
             if value.lower() not in _TRUE | _FALSE:
                 raise ConfigError(f"{key} must be true or false, got {value!r}")

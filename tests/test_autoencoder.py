@@ -51,3 +51,16 @@ def test_shallow_layout_without_blocks_and_its_limits():
     assert rec.shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="res_blocks"):
         TokenizerConfig(**dict(shallow, channel_mult=(1, 2)))
+
+
+def test_norm_none_has_no_normalisation_and_keeps_a_flat_colours_scale():
+    model = ImageTokenizer(TokenizerConfig(**DEMO, norm="none"))
+    assert not [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    grouped = ImageTokenizer(TokenizerConfig(**DEMO))
+    assert [m for m in grouped.modules() if isinstance(m, nn.GroupNorm)]
+    x = _flat_colour_features(32, 0)
+    # GroupNorm maps a flat input and its double to the same output; without it the scale (contrast) survives.
+    assert torch.allclose(grouped.decoder.norm_out(x), grouped.decoder.norm_out(2 * x), atol=1e-4)
+    assert not torch.allclose(model.decoder.norm_out(x), model.decoder.norm_out(2 * x))
+    with pytest.raises(ValueError, match="tokenizer.model.norm must be one of group, none"):
+        TokenizerConfig(**DEMO, norm="batch")

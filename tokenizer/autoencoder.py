@@ -7,6 +7,10 @@ GroupNorm uses 32 groups, as the reference, but never fewer than ``norm_group_ch
 group. Why: a group of one channel is instance norm, which removes each channel's per-image mean (a flat
 colour) and, right before the RGB conv, causes "droplet" artefacts (a spike with a dark halo). Widths of
 128 and more (every reference model) have >= 4 channels per group either way, so only narrow models change.
+
+``norm_kind="none"`` drops every normalisation layer. Why: GroupNorm removes each group's per-image mean and
+scale, so a small decoder has to rebuild a photograph's absolute colour and contrast from the relations between
+channels; on a flat region (a blue sky) little of it is left (README, "Real photographs").
 """
 
 from __future__ import annotations
@@ -92,9 +96,10 @@ class ConvStack:
     dropout: float = 0.0
     norm_group_channels: int = 1
     mid_block: bool = True  # res + attention + res at the lowest resolution (the reference); False: identity
+    norm_kind: str = "group"  # group | none
 
-    def norm(self, channels: int) -> nn.GroupNorm:
-        return group_norm(channels, self.norm_group_channels)
+    def norm(self, channels: int) -> nn.Module:
+        return group_norm(channels, self.norm_group_channels) if self.norm_kind == "group" else nn.Identity()
 
     def level(self, c_in: int, c_out: int, blocks: int, res: int) -> nn.ModuleList:
         layers = nn.ModuleList()
