@@ -180,15 +180,19 @@ def _meta(seed: int, train_per_class: int, val_per_class: int, size: int) -> dic
     }
 
 
-def _is_complete(root: Path, meta: dict) -> bool:
-    """Same parameters recorded and every image present (cheap: a directory listing, no decoding)."""
+def tree_is_complete(root: Path, meta_file: str, meta: dict, expected_images: int) -> bool:
+    """A generated ImageFolder is reusable: the same parameters recorded in ``meta_file`` and every image present
+    (cheap: a directory listing, no decoding)."""
     try:
-        if json.loads((root / META_FILE).read_text()) != meta:
+        if json.loads((root / meta_file).read_text()) != meta:
             return False
     except (OSError, ValueError):
         return False
-    expected = len(CLASSES) * (meta["train_per_class"] + meta["val_per_class"])
-    return sum(1 for _ in root.glob("*/*/*.png")) == expected
+    return sum(1 for _ in root.glob("*/*/*.png")) == expected_images
+
+
+def _is_complete(root: Path, meta: dict) -> bool:
+    return tree_is_complete(root, META_FILE, meta, len(CLASSES) * (meta["train_per_class"] + meta["val_per_class"]))
 
 
 def _classes_json() -> list[dict]:

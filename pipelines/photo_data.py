@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.demo_data import _swap_in, parse_args
+from pipelines.demo_data import _swap_in, parse_args, tree_is_complete
 from pipelines.errors import ConfigError, UserError
 
 TRAIN_PHOTOS = ("astronaut", "chelsea", "motorcycle_left", "motorcycle_right", "retina", "hubble_deep_field", "ihc")
@@ -83,13 +83,8 @@ def _meta(seed: int, train_per_photo: int, val_per_photo: int, size: int, min_sc
 
 
 def _is_complete(root: Path, meta: dict) -> bool:
-    try:
-        if json.loads((root / META_FILE).read_text()) != meta:
-            return False
-    except (OSError, ValueError):
-        return False
     expected = len(TRAIN_PHOTOS) * meta["train_per_photo"] + len(VAL_PHOTOS) * meta["val_per_photo"]
-    return sum(1 for _ in root.glob("*/*/*.png")) == expected
+    return tree_is_complete(root, META_FILE, meta, expected)
 
 
 def make_photo_dataset(root: str | Path, sizes: Sequence[int] = (64, 128), train_per_photo: int = 500,
