@@ -127,6 +127,8 @@ def test_short_training_log_is_a_few_lines_with_the_metrics(tokenizer_cfg, tmp_p
     assert "\r" not in out
     bar_lines = [ln for ln in out.splitlines() if ln.startswith("train tokenizer: ")]
     assert 1 <= len(bar_lines) <= 11 and bar_lines[-1].startswith("train tokenizer: 40/40 step (100%)")
+    done = [int(re.match(r"train tokenizer: (\d+)/40 step", ln).group(1)) for ln in bar_lines]
+    assert done == sorted(set(done)) and done[-1] == 40  # each line reports new progress, never a repeat
     assert "loss=" in bar_lines[-1]
     assert [ln.split("]")[0] for ln in out.splitlines() if ln.startswith("[step")] == \
         ["[step 10", "[step 20", "[step 30", "[step 40"]
