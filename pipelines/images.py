@@ -24,12 +24,17 @@ def save_png(img: Tensor, path: str | Path) -> None:
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
-def save_rows(rows: Sequence[Tensor], path: str | Path, pad: int = 2) -> None:
-    """Stack equally sized batches in [-1, 1] as rows of one PNG (e.g. originals above, reconstructions below)."""
+def rows_grid(rows: Sequence[Tensor], pad: int = 2) -> Tensor:
+    """Equally sized batches in [-1, 1] as the rows of one uint8 (H, W, 3) image on a white background."""
     batch = torch.cat([r.detach().float().cpu() for r in rows])
     grid = make_grid(batch.clamp(-1, 1), nrow=rows[0].shape[0], padding=pad, value_range=(-1, 1),
                      normalize=True, pad_value=1.0)
-    save_png((grid * 255).round().to(torch.uint8).permute(1, 2, 0), path)
+    return (grid * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+def save_rows(rows: Sequence[Tensor], path: str | Path, pad: int = 2) -> None:
+    """Stack equally sized batches in [-1, 1] as rows of one PNG (e.g. originals above, reconstructions below)."""
+    save_png(rows_grid(rows, pad), path)
 
 
 def psnr(x: Tensor, y: Tensor) -> Tensor:

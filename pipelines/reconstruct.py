@@ -30,7 +30,7 @@ from pipelines.errors import ConfigError
 from pipelines.images import psnr, save_png, save_rows, to_uint8
 from pipelines.progress import progress_bar
 from pipelines.util import atomic_write_text, claim_directory, evenly_spaced, pick_device
-from tokenizer.model import load_tokenizer
+from tokenizer.model import ImageTokenizer, load_tokenizer
 
 
 def list_images(spec: str | list[str]) -> list[Path]:
@@ -45,6 +45,19 @@ def list_images(spec: str | list[str]) -> list[Path]:
     if not files:
         raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {spec}")
     return files
+
+
+def load_for_tokenizer(path: str | Path, resolution: int) -> torch.Tensor:
+    """An image file as the tokenizer sees it: shorter side to ``resolution``, centre crop; (3, R, R) in [-1, 1].
+    A file that is not a decodable image raises ``CorruptImageError`` naming it."""
+    return resize_and_crop(load_rgb(str(path)), resolution, None)
+
+
+def round_trip(model: ImageTokenizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids (B, h, w), reconstructions in [-1, 1]) of images ``x`` (B, 3, R, R) in [-1, 1]."""
+    with torch.no_grad():
+        idx = model.tokenize(x)
+        return idx, model.decode_tokens(idx).clamp(-1, 1)
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -76,16 +89,14 @@ def _reconstruct(cfg: DictConfig, model, files: list[Path], out: Path, device: t
             batch, names = [], []
             for f in chunk:
                 try:
-                    batch.append(resize_and_crop(load_rgb(str(f)), res, None))
+                    batch.append(load_for_tokenizer(f, res))
                     names.append(f)
                 except CorruptImageError as err:
                     warnings.warn(f"skipping {err}", stacklevel=1)
             if not batch:
                 continue
             x = torch.stack(batch).to(device)
-            with torch.no_grad():
-                idx = model.tokenize(x)
-                rec = model.decode_tokens(idx).clamp(-1, 1)
+            idx, rec = round_trip(model, x)
             scores += psnr(x, rec).tolist()
             for f, img, grid in zip(names, to_uint8(rec), idx.cpu(), strict=True):
                 stem = f"{f.parent.name}_{f.stem}"

@@ -30,12 +30,17 @@ from pipelines.generate import (
     sample_plan,
     sampling_recipe,
 )
-from pipelines.images import save_png, save_rows
+from pipelines.images import rows_grid, save_png
 from pipelines.util import claim_directory, pick_device, save_npz
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def class_grid(shown: dict[int, list[torch.Tensor]], classes: list[int]) -> torch.Tensor:
+    """grid.png's picture, uint8 (H, W, 3): one row per class of its uint8 (H, W, 3) samples (the web page's too)."""
+    return rows_grid([torch.stack(shown[c]).permute(0, 3, 1, 2).float() / 127.5 - 1 for c in classes])
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -97,8 +102,7 @@ def _sample(cfg: DictConfig, model, tokenizer, classes: list[int], names: list[s
                 shown[c].append(img)
         done += len(images)
 
-    rows = [torch.stack(shown[c]).permute(0, 3, 1, 2).float() / 127.5 - 1 for c in classes]
-    save_rows(rows, out / "grid.png")
+    save_png(class_grid(shown, classes), out / "grid.png")
     written = [f"{out / 'grid.png'} (one row per class)"]
     if cfg.save_png:
         written.append(f"{len(labels)} PNGs in {out / 'images'}/")

@@ -17,7 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipelines import convert, curves, reconstruct, sample
+from pipelines import app, convert, curves, reconstruct, sample
 from pipelines.cli import CONF_DIR, hydra_error_line, load_config
 from pipelines.errors import ConfigError, UserError
 from pipelines.eval import demo_classifier, fid
@@ -31,7 +31,7 @@ GENERATORS = sorted(p.stem for p in (CONF_DIR / "generator").glob("*.yaml"))
 TOKENIZERS = sorted(p.stem for p in (CONF_DIR / "tokenizer").glob("*.yaml"))
 TOOLS = {"sample": sample.check_options, "reconstruct": reconstruct.check_options, "fid": fid.check_options,
          "convert": convert.check_options, "demo_classifier": demo_classifier.check_options,
-         "plot": curves.check_options}
+         "plot": curves.check_options, "app": app.check_options}
 
 
 def _check_tokenizer(cfg):
