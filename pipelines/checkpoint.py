@@ -1,7 +1,10 @@
 """Checkpoint files: ``model.safetensors`` + ``config.yaml`` for inference, ``train_state/`` for exact resume.
 
 File I/O only (building a model from a checkpoint is the job of ``tokenizer.model.load_tokenizer`` and
-``generator.llama.load_generator``). Every file is written atomically (``pipelines.util.atomic_write``).
+``generator.llama.load_generator``). A checkpoint directory is a local path or an
+``hf://owner/name[@revision][/subfolder]`` spec on the Hugging Face Hub: ``checkpoint_dir`` (``pipelines.hub``) turns
+either into a local directory for every reader here, so every tool and trainer that takes a checkpoint takes both.
+Every file is written atomically (``pipelines.util.atomic_write``).
 Everything read is verified: ``train_state/state.pt`` against the sha256 in ``train_state/state.sha256``
 (hashed while writing, written last), and a damaged or truncated file of any kind is a one-line
 ``CorruptFileError`` naming it and saying how to recover.
@@ -23,6 +26,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from pipelines.errors import CorruptFileError, MissingCheckpointError
+from pipelines.hub import resolve_checkpoint
 from pipelines.util import HashingWriter, atomic_write, atomic_write_text, file_sha256
 
 MODEL_FILE, CONFIG_FILE, TRAIN_STATE_DIR = "model.safetensors", "config.yaml", "train_state"
@@ -31,8 +35,8 @@ FSDP_STEP_FILE = "fsdp_step.json"  # train_state/ of an FSDP run: accelerate's s
 _NEARLY_FULL = 1 << 20  # bytes free below which a failed state.pt write is taken for a full disk
 
 __all__ = ["MODEL_FILE", "CONFIG_FILE", "TRAIN_STATE_DIR", "MissingCheckpointError", "save_config", "save_model",
-           "load_config", "load_model", "weights_hash", "capture_rng", "restore_rng", "save_train_state",
-           "load_train_state", "has_train_state"]
+           "checkpoint_dir", "load_config", "load_model", "weights_hash", "capture_rng", "restore_rng",
+           "save_train_state", "load_train_state", "has_train_state"]
 
 
 def save_config(config: dict[str, Any], directory: str | Path) -> None:
@@ -52,8 +56,14 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
+def checkpoint_dir(directory: str | Path) -> Path:
+    """The checkpoint on disk: a local directory as given, an ``hf://`` spec fetched into the Hugging Face cache
+    (its ``model.safetensors`` + ``config.yaml``, once per process: ``pipelines.hub``)."""
+    return resolve_checkpoint(directory, (MODEL_FILE, CONFIG_FILE))
+
+
 def load_config(directory: str | Path) -> dict[str, Any]:
-    path = _require(Path(directory) / CONFIG_FILE, "checkpoint config")
+    path = _require(checkpoint_dir(directory) / CONFIG_FILE, "checkpoint config")
     try:
         config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:  # yaml.YAMLError, UnicodeDecodeError, OmegaConf errors: all mean "not readable"
@@ -70,7 +80,7 @@ def load_model(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = _require(Path(directory), "checkpoint directory")
+    directory = _require(checkpoint_dir(directory), "checkpoint directory")
     path = _require(directory / MODEL_FILE, "checkpoint weights")
     try:
         state = load_file(str(path))
@@ -87,7 +97,7 @@ def weights_hash(directory: str | Path) -> str:
     Token shards record it so stage two can refuse tokens made by a different tokenizer; it depends on
     the weights only (not the path or config.yaml), so copying a checkpoint keeps its identity.
     """
-    path = _require(_require(Path(directory), "checkpoint directory") / MODEL_FILE, "checkpoint weights")
+    path = _require(_require(checkpoint_dir(directory), "checkpoint directory") / MODEL_FILE, "checkpoint weights")
     return file_sha256(path)[:16]
 
 

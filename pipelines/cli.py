@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from pipelines.errors import ConfigError, UserError
 from pipelines.options import (  # noqa: F401  (re-exported: the entry points' option checks)
     require_bool,
+    require_checkpoint,
     require_choice,
     require_int,
     require_int_list,

@@ -24,6 +24,13 @@ ours (shift, scale, gate per branch; shift, scale). The conversion is strict: ev
 explicitly dropped (optimizer, loss / discriminator, EMA bookkeeping, LlamaGen's usage buffer), every
 target key is filled, shapes are checked; a mismatch is one line naming the key.
 
+``src=`` (and ``config=``) may be a file on the Hugging Face Hub, ``hf://owner/name[@revision]/path/to/file``: it is
+fetched into the Hugging Face cache (``pipelines.hub``) and the output's ``converted_from`` records the spec and its
+commit; ``tokenizer=`` takes a path or an ``hf://`` checkpoint spec like every tool.
+
+    python -m pipelines.convert source=ibq-tok src=hf://TencentARC/IBQ-Tokenizer-16384/imagenet256_16384.ckpt \
+        out=runs/ibq_tok_16384
+
 Pickled files (``.ckpt`` / ``.pt``) are read with ``torch.load(weights_only=True)`` plus exactly the
 globals in ``SAFE_GLOBALS`` mapped to inert stand-ins; a file needing any other global is refused with one
 line naming it. Nothing from a downloaded file is executed, and the output is safetensors only.
@@ -47,8 +54,17 @@ from torch import Tensor, nn
 
 from generator.llama import GPTConfig, LlamaGPT
 from pipelines.checkpoint import MODEL_FILE, save_model, weights_hash
-from pipelines.cli import CONF_DIR, entry_point, require_bool, require_choice, require_int, require_text
+from pipelines.cli import (
+    CONF_DIR,
+    entry_point,
+    require_bool,
+    require_checkpoint,
+    require_choice,
+    require_int,
+    require_text,
+)
 from pipelines.errors import ConfigError, UserError
+from pipelines.hub import hub_record, pinned, resolve_file
 from pipelines.schemas import GeneratorSection
 from pipelines.util import DirectoryLock, remove_stale_tmp
 from tokenizer.model import ImageTokenizer, TokenizerConfig, load_tokenizer
@@ -82,7 +98,7 @@ _UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 def _existing_source(path: str | Path) -> Path:
-    path = Path(path)
+    path = resolve_file(path)  # a local path as it is; an hf:// file fetched (cached)
     if not path.is_file():
         raise ConversionError(f"source checkpoint not found: {path}")
     return path
@@ -538,7 +554,8 @@ def convert_llamagen_gpt(sd: dict[str, Tensor], image_size: int = 256, n_head: i
 # ------------------------------------------------------------------------------------------- writing
 
 def _origin(source: str, src: str | Path, **extra: Any) -> dict[str, Any]:
-    return {"converted_from": {"source": source, "file": str(src), **{k: v for k, v in extra.items() if v is not None}}}
+    return {"converted_from": {"source": source, "file": str(src), **hub_record(src),
+                               **{k: v for k, v in extra.items() if v is not None}}}
 
 
 def write_tokenizer(out: str | Path, state: dict[str, Tensor], model_cfg: dict[str, Any],
@@ -558,7 +575,7 @@ def write_generator(out: str | Path, state: dict[str, Tensor], cfg: GPTConfig, n
                               "with image_size=384)")
     LlamaGPT(cfg).load_state_dict(state, strict=True)
     config = {"generator": {"name": name, "model": cfg.to_dict(), "sample": sample},
-              "tokenizer_hash": weights_hash(tokenizer_dir), "tokenizer_dir": str(tokenizer_dir), **origin}
+              "tokenizer_hash": weights_hash(tokenizer_dir), "tokenizer_dir": pinned(tokenizer_dir), **origin}
     save_model(out, state, config)
     return Path(out)
 
@@ -568,10 +585,10 @@ def _load_yaml(path: str | None) -> dict[str, Any] | None:
     in the wrong place would silently convert with default sizes and dropouts)."""
     if not path:
         return None
-    if not Path(path).is_file():
+    if not resolve_file(path).is_file():
         raise ConversionError(f"config= file not found: {path}")
     try:
-        config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        config = OmegaConf.to_container(OmegaConf.load(resolve_file(path)), resolve=False)
     except Exception as err:  # yaml scanner / parser errors, OmegaConf errors: all mean "not a YAML mapping"
         raise ConfigError(f"config={path} is not readable YAML ({type(err).__name__}); pass the official training "
                           "YAML of the checkpoint") from err
@@ -651,8 +668,10 @@ def _convert(source: str, src: str | Path, out: str | Path, config: str | None, 
 def check_options(cfg: DictConfig) -> None:
     if cfg.source is not None:  # null: convert() says which sources there are and what else to give
         require_choice(cfg, "source", SOURCES)
-    for key in ("src", "out", "config", "tokenizer"):
-        require_text(cfg, key, optional=True)
+    for key in ("src", "config"):  # a path or hf://owner/name[@revision]/path/to/file
+        require_checkpoint(cfg, key, optional=True, file=True)
+    require_checkpoint(cfg, "tokenizer", optional=True)
+    require_text(cfg, "out", optional=True)
     for key in ("ema", "overwrite"):
         require_bool(cfg, key)
     require_int(cfg, "image_size", 16)

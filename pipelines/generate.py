@@ -7,7 +7,9 @@ it is the same image whatever the batch size, the other classes asked for, or th
 
 The generator's ``config.yaml`` records the weights hash of the tokenizer whose tokens it was trained on
 (from the shard manifest); ``load_pipeline`` refuses any other tokenizer, because the same token ids mean
-different pictures under a different codebook.
+different pictures under a different codebook. The checkpoint and the recorded tokenizer may be ``hf://`` specs
+(a pushed run names ``hf://<repo>/tokenizer``, shards extracted from the Hub a pinned commit): the loaders resolve
+them (``pipelines.hub``).
 """
 
 from __future__ import annotations

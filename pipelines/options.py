@@ -1,7 +1,8 @@
 """Option checks: a bad value is a ``ConfigError`` naming the key as the user types it and the values it takes.
 
-A leaf module like ``pipelines.errors`` (it imports nothing else from the project), so the config dataclasses in
-``tokenizer/`` and ``generator/`` validate themselves with the same checks and messages as the entry points.
+A leaf module like ``pipelines.errors`` (it imports nothing else from the project but the leaf ``pipelines.hub``,
+which checks ``hf://`` specs), so the config dataclasses in ``tokenizer/`` and ``generator/`` validate themselves
+with the same checks and messages as the entry points.
 ``cfg`` is an OmegaConf config, a plain dict, or ``fields_of(obj, prefix)`` for a dataclass.
 """
 
@@ -11,6 +12,7 @@ import dataclasses
 from typing import Any, TypeVar
 
 from pipelines.errors import ConfigError
+from pipelines.hub import check_spec
 
 T = TypeVar("T")
 
@@ -78,6 +80,16 @@ def require_text(cfg: Any, key: str, optional: bool = False) -> None:
     v = _value(cfg, key)
     if not ((isinstance(v, str) and v.strip()) or (v is None and optional)):
         raise ConfigError(f"{key} must be a non-empty string{_or_null(optional)}, got {v!r}")
+
+
+def require_checkpoint(cfg: Any, key: str, optional: bool = False, file: bool = False) -> None:
+    """``key`` is a local path or an ``hf://owner/name[@revision][/subfolder]`` spec (``file``: a file in the repository
+    after the name), or null when ``optional``; a malformed spec is refused here, before any work."""
+    require_text(cfg, key, optional)
+    try:
+        check_spec(_value(cfg, key), file)
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def require_int_list(cfg: Any, key: str, minimum: int | None = None, length: int | None = None) -> None:

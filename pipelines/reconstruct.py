@@ -4,7 +4,8 @@
 
 ``max_images`` picks that many evenly spaced over the sorted file list. Writes ``<out>/<name>.png``
 (reconstruction), ``<out>/side_by_side.png`` (originals above, reconstructions below, up to 16 per
-grid) and ``<out>/tokens.json`` (the token grid of every image).
+grid) and ``<out>/tokens.json`` (the token grid of every image, and the tokenizer: its path or ``hf://`` spec,
+weights hash and, from the Hub, commit).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from accelerate import PartialState
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipelines.cli import entry_point, require_int, require_text
+from pipelines.checkpoint import weights_hash
+from pipelines.cli import entry_point, require_checkpoint, require_int, require_text
 from pipelines.data import (
     IMAGE_EXTENSIONS,
     CorruptImageError,
@@ -27,6 +29,7 @@ from pipelines.data import (
     resize_and_crop,
 )
 from pipelines.errors import ConfigError
+from pipelines.hub import hub_record
 from pipelines.images import psnr, save_png, save_rows, to_uint8
 from pipelines.progress import progress_bar
 from pipelines.util import atomic_write_text, claim_directory, evenly_spaced, pick_device
@@ -63,7 +66,8 @@ def round_trip(model: ImageTokenizer, x: torch.Tensor) -> tuple[torch.Tensor, to
 def check_options(cfg: DictConfig) -> None:
     require_int(cfg, "batch_size", 1)
     require_int(cfg, "max_images", 1, optional=True)
-    for key in ("tokenizer", "out", "device"):
+    require_checkpoint(cfg, "tokenizer")
+    for key in ("out", "device"):
         require_text(cfg, key)
     if OmegaConf.is_missing(cfg, "input"):
         raise ConfigError("input is required: input=<image | folder | [a.png, b.png]>")
@@ -108,7 +112,9 @@ def _reconstruct(cfg: DictConfig, model, files: list[Path], out: Path, device: t
     for g in range(0, len(originals), 16):
         suffix = "" if g == 0 else f"_{g // 16}"
         save_rows([originals[g:g + 16], recons[g:g + 16]], out / f"side_by_side{suffix}.png")
-    atomic_write_text(out / "tokens.json", json.dumps({"grid": list(idx.shape[1:]), "tokens": tokens}))
+    source = {"dir": str(cfg.tokenizer), "weights_hash": weights_hash(cfg.tokenizer), **hub_record(cfg.tokenizer)}
+    atomic_write_text(out / "tokens.json", json.dumps({"grid": list(idx.shape[1:]), "tokens": tokens,
+                                                       "tokenizer": source}))
     summary = {"images": len(scores), "psnr": sum(scores) / max(len(scores), 1), "out": str(out)}
     print(f"{summary['images']} images reconstructed, mean PSNR {summary['psnr']:.2f} dB -> "
           f"{out}/side_by_side.png, per-image PNGs, tokens.json")

@@ -4,14 +4,17 @@
     python tools/sample.py ckpt=runs/ar_B class=[1,2,3] n=16 cfg=2.0 temperature=1.0 top_k=0 top_p=1.0 seed=0
     python tools/sample.py class=all n=50 save_npz=true save_png=false      # for the ADM FID evaluator
 
-Writes ``<out>/grid.png`` (one row per class), ``<out>/images/<class>_<name>_<i>.png`` and, with
-``save_npz=true``, ``<out>/samples.npz`` (``arr_0``: uint8 N x H x W x 3, ``labels``: N), streamed to
-disk batch by batch so 50,000 samples need no more memory than one batch. Unset sampling options
+Writes ``<out>/grid.png`` (one row per class), ``<out>/images/<class>_<name>_<i>.png``, ``<out>/sample.json`` (the
+checkpoint, tokenizer, settings, and the commit of each ``hf://`` checkpoint read) and, with ``save_npz=true``,
+``<out>/samples.npz`` (``arr_0``: uint8 N x H x W x 3, ``labels``: N), streamed to disk batch by batch so 50,000
+samples need no more memory than one batch. ``ckpt=`` / ``tokenizer=`` take a path or an ``hf://`` spec; the default
+``out`` of a checkpoint on the Hub is ``runs/hf/<owner>/<name>/samples``. Unset sampling options
 (cfg, temperature, top_k, top_p) come from the generator config's ``sample`` section.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ import torch
 from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.cli import entry_point, require_bool, require_int, require_text
+from pipelines.cli import entry_point, require_bool, require_checkpoint, require_int, require_text
 from pipelines.errors import ConfigError
 from pipelines.generate import (
     SAMPLING_KEYS,
@@ -30,8 +33,9 @@ from pipelines.generate import (
     sample_plan,
     sampling_recipe,
 )
+from pipelines.hub import resolved_commits, results_dir
 from pipelines.images import rows_grid, save_png
-from pipelines.util import claim_directory, pick_device, save_npz
+from pipelines.util import atomic_write_text, claim_directory, pick_device, save_npz
 
 
 def _safe(name: str) -> str:
@@ -48,9 +52,10 @@ def check_options(cfg: DictConfig) -> None:
         require_int(cfg, key, 1)
     require_int(cfg, "seed", 0)
     check_sampling_options({k: cfg[k] for k in SAMPLING_KEYS})
-    require_text(cfg, "demo_ckpt")
-    for key in ("ckpt", "tokenizer", "out"):
-        require_text(cfg, key, optional=True)
+    require_checkpoint(cfg, "demo_ckpt")
+    for key in ("ckpt", "tokenizer"):
+        require_checkpoint(cfg, key, optional=True)
+    require_text(cfg, "out", optional=True)
     for key in ("use_cache", "compile", "save_png", "save_npz"):
         require_bool(cfg, key)
     if cfg.compile and not cfg.use_cache:
@@ -71,13 +76,15 @@ def sample(cfg: DictConfig) -> dict:
     names = list(config.get("classes") or [str(c) for c in range(model.cfg.num_classes)])
     opts = sampling_recipe({k: cfg[k] for k in SAMPLING_KEYS}, config)
     labels, indices = sample_plan(classes, cfg.n)
-    out = Path(cfg.out or Path(ckpt) / "samples")
+    out = Path(cfg.out or results_dir(ckpt) / "samples")
+    source = {"ckpt": str(ckpt), "tokenizer": str(cfg.tokenizer or config.get("tokenizer_dir")),
+              "tokenizer_hash": config["tokenizer_hash"]}
     with claim_directory(PartialState(), out, "sample directory"):
-        return _sample(cfg, model, tokenizer, classes, names, opts, labels, indices, out, device)
+        return _sample(cfg, model, tokenizer, classes, names, opts, labels, indices, out, device, source)
 
 
 def _sample(cfg: DictConfig, model, tokenizer, classes: list[int], names: list[str], opts: dict, labels: torch.Tensor,
-            indices: torch.Tensor, out: Path, device: torch.device) -> dict:
+            indices: torch.Tensor, out: Path, device: torch.device, source: dict) -> dict:
     (out / "images").mkdir(parents=True, exist_ok=True)
     tmp_npy = out / ".samples_arr_0.npy.tmp"  # removed at start-up if a killed run left it
     print(f"sampling {cfg.n} x {len(classes)} class(es) {classes} | cfg {opts['cfg']} ({opts['cfg_schedule']}) "
@@ -112,8 +119,11 @@ def _sample(cfg: DictConfig, model, tokenizer, classes: list[int], names: list[s
         save_npz(out / "samples.npz", arr_0=np.load(tmp_npy, mmap_mode="r"), labels=labels.numpy())
         tmp_npy.unlink()
         written.append(f"{out / 'samples.npz'} (arr_0: uint8 {len(labels)} x H x W x 3)")
-    print("wrote " + ", ".join(written))
-    return {"out": str(out), "classes": classes, "num_samples": len(labels), **opts}
+    summary = {"out": str(out), "classes": classes, "num_samples": len(labels), **opts}
+    record = {**source, **summary, "n": cfg.n, "seed": cfg.seed, "hub_commits": resolved_commits()}
+    atomic_write_text(out / "sample.json", json.dumps(record, indent=1))
+    print("wrote " + ", ".join(written) + f", {out / 'sample.json'}")
+    return summary
 
 
 main = entry_point("sample", sample, tool=True)

@@ -17,7 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipelines import app, convert, curves, reconstruct, sample
+from pipelines import app, convert, curves, push_to_hub, reconstruct, sample
 from pipelines.cli import CONF_DIR, hydra_error_line, load_config
 from pipelines.errors import ConfigError, UserError
 from pipelines.eval import demo_classifier, fid
@@ -31,7 +31,8 @@ GENERATORS = sorted(p.stem for p in (CONF_DIR / "generator").glob("*.yaml"))
 TOKENIZERS = sorted(p.stem for p in (CONF_DIR / "tokenizer").glob("*.yaml"))
 TOOLS = {"sample": sample.check_options, "reconstruct": reconstruct.check_options, "fid": fid.check_options,
          "convert": convert.check_options, "demo_classifier": demo_classifier.check_options,
-         "plot": curves.check_options, "app": app.check_options}
+         "plot": curves.check_options, "app": app.check_options, "push_to_hub": push_to_hub.check_options}
+REQUIRED = {"reconstruct": ["input=x.png"], "push_to_hub": ["run=runs/x", "repo=me/model"]}  # ??? in the YAML
 
 
 def _check_tokenizer(cfg):
@@ -49,7 +50,7 @@ CASES = ([("train_tokenizer", [f"tokenizer={t}"], False, _check_tokenizer) for t
          + [("train_tokenizer", ["+experiment=imagenet_256", "data.root=/data/imagenet"], False, _check_tokenizer)]
          + [("train_ar", [f"generator={g}"], False, _check_ar) for g in GENERATORS]
          + [("extract_tokens", [], False, extract.check_options)]
-         + [(name, ["input=x.png"] if name == "reconstruct" else [], True, check) for name, check in TOOLS.items()])
+         + [(name, REQUIRED.get(name, []), True, check) for name, check in TOOLS.items()])
 IDS = [f"{name}{'[' + ','.join(o) + ']' if o else ''}" for name, o, _, _ in CASES]
 
 # Keys that accept any value of any type, and why.

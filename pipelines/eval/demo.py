@@ -40,6 +40,7 @@ from pipelines.eval.modes import (
     spread_subset,
 )
 from pipelines.eval.results import DemoRecognition, DemoSamples, ImageFeatures, ReconFeatures, Report
+from pipelines.hub import results_dir
 from pipelines.images import psnr, to_uint8
 
 
@@ -146,7 +147,7 @@ def run_demo(cfg: DictConfig, device: torch.device) -> dict | None:
         recon, features = recon_metrics(sub, device, feats, classifier)
         report.rows += recon.rows() + recon_recognition(features, names).rows()
     if cfg.ar is None and cfg.samples is None:
-        return finish(cfg, report, Path(cfg.tokenizer or cfg.classifier) / "demo_eval.json")
+        return finish(cfg, report, results_dir(cfg.tokenizer or cfg.classifier) / "demo_eval.json")
 
     val = open_images(root / "val", classifier.cfg.resolution, names)  # same cache entry as the recon half
     val = spread_subset(val, cfg.max_images)
@@ -166,5 +167,6 @@ def run_demo(cfg: DictConfig, device: torch.device) -> dict | None:
         labels = torch.from_numpy(samples.labels)
     val_features = extract_features(val, Extractors(classifier=classifier), cfg.batch_size, "classifier: demo val")
     report.rows += judge_samples(cfg, features, labels, val, val_features, feats, names).rows()
-    return finish(cfg, report, Path(cfg.sweep_dir or cfg.ar or Path(cfg.samples).parent) / "demo_eval.json",
+    home = cfg.sweep_dir or (results_dir(cfg.ar) if cfg.ar else Path(cfg.samples).parent)
+    return finish(cfg, report, Path(home) / "demo_eval.json",
                   extra=extra)  # sweep_dir: the folder of a sweep point

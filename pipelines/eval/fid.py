@@ -8,7 +8,8 @@
     python tools/fid.py mode=gen ar=<ckpt> ref=<ref> cfg=[1.0,1.5,2.0,2.5,3.0]  # a sweep (pipelines/eval/sweep.py)
 
 See conf/tools/fid.yaml for every option and pipelines/eval/modes.py for the protocol. Results are printed as a table
-and appended (with the full config) to ``results`` (runs/results.jsonl).
+and appended (with the full config) to ``results`` (runs/results.jsonl). ``tokenizer=`` / ``ar=`` take a path or an
+``hf://`` spec (the record then holds ``hub_commits``; its JSON goes under ``runs/hf/<owner>/<name>/``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from pipelines.cli import entry_point, require_bool, require_choice, require_int, require_text
+from pipelines.cli import entry_point, require_bool, require_checkpoint, require_choice, require_int, require_text
 from pipelines.errors import ConfigError
 from pipelines.eval.demo import run_demo
 from pipelines.eval.inception import CONVERTED_FILE, inception_cache_dir, prepare_inception_weights
@@ -68,9 +69,11 @@ def check_options(cfg: DictConfig) -> None:
     check_sweep(cfg)  # cfg / temperature: a number, or a list of them (a sweep)
     check_sampling_options({k: None if k in SWEEP_KEYS and isinstance(cfg[k], ListConfig) else cfg[k]
                             for k in SAMPLING_KEYS})
-    for key in ("samples", "ref", "save_stats", "stats_cache", "weights", "results", "tokenizer", "data", "ar",
-                "save_samples", "vgg_weights", "sweep_dir"):
+    for key in ("samples", "ref", "save_stats", "stats_cache", "weights", "results", "data", "save_samples",
+                "vgg_weights", "sweep_dir"):
         require_text(cfg, key, optional=True)
+    for key in ("tokenizer", "ar"):  # a path or an hf:// spec
+        require_checkpoint(cfg, key, optional=True)
     for key in ("split", "device", "demo_data", "classifier"):
         require_text(cfg, key)
     for key in ("allow_resolution_mismatch", "prepare_weights", "compile"):

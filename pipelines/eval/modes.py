@@ -52,6 +52,7 @@ from pipelines.eval.results import (
     Report,
     Unavailable,
 )
+from pipelines.hub import is_hub, resolved_commits, results_dir
 from pipelines.images import to_uint8
 from pipelines.progress import progress_bar
 from pipelines.util import atomic_write_text, evenly_spaced, pick_device, save_npz
@@ -203,9 +204,11 @@ def spread_subset(images: ImageSet | FeatureStats, k: int | None) -> ImageSet | 
 
 
 def finish(cfg: DictConfig, report: Report, json_path: Path | None = None, extra: dict | None = None) -> dict:
-    """Print the table, append the results line (with the full config), write the JSON; returns the record."""
+    """Print the table, append the results line (with the full config and the commit of every ``hf://`` checkpoint
+    read), write the JSON; returns the record."""
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "mode": cfg.mode, "title": report.title,
               "metrics": report.metrics, "unavailable": report.unavailable, **(extra or {}),
+              **({"hub_commits": hub} if (hub := resolved_commits()) else {}),
               "config": OmegaConf.to_container(cfg, resolve=True)}
     print(report.table())
     if cfg.results:
@@ -338,7 +341,7 @@ def run_recon(cfg: DictConfig, device: torch.device) -> dict:
     feats = LazyInception(cfg, device) if "fid" in cfg.metrics else None
     metrics, _ = recon_metrics(cfg, device, feats)
     report = Report(f"tokenizer {cfg.tokenizer} on {cfg.data}/{cfg.split}", metrics.rows())
-    return finish(cfg, report, Path(cfg.tokenizer) / f"recon_eval_{cfg.split}.json")
+    return finish(cfg, report, results_dir(cfg.tokenizer) / f"recon_eval_{cfg.split}.json")
 
 
 def generate_samples(cfg: DictConfig, extract: Extractors, keep_images: bool = False,
@@ -395,7 +398,7 @@ def generated_size(ar_dir: str | Path) -> tuple[int, int] | None:
 
     config = load_config(ar_dir)
     tok_dir = config.get("tokenizer_dir")
-    if not tok_dir or not Path(tok_dir).is_dir():
+    if not tok_dir or not (is_hub(tok_dir) or Path(tok_dir).is_dir()):
         return None
     factor = TokenizerConfig.from_dict(load_config(tok_dir)["tokenizer"]["model"]).downsample
     h, w = config["generator"]["model"]["grid"]
@@ -418,5 +421,6 @@ def run_gen(cfg: DictConfig, device: torch.device) -> dict | None:
     metrics = generation_metrics(cfg, samples.features, ref_stats, ref_pool)
     report = Report(f"{cfg.ar}: {cfg.per_class} samples per class vs {cfg.ref}",
                     [("num_samples", len(samples.labels)), *metrics.rows()])
-    return finish(cfg, report, Path(cfg.sweep_dir or cfg.ar) / "gen_eval.json",  # a sweep point: its folder
+    home = cfg.sweep_dir or results_dir(cfg.ar)  # sweep_dir: the folder of a sweep point
+    return finish(cfg, report, Path(home) / "gen_eval.json",
                   extra={"inception_weights": str(feats.weights), "reference": origin, "sampling": samples.sampling})

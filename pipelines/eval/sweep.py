@@ -25,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipelines.errors import ConfigError
 from pipelines.generate import check_sampling_options
+from pipelines.hub import results_dir
 from pipelines.util import atomic_write, atomic_write_text
 
 SWEEP_KEYS = ("cfg", "temperature")  # the sampling settings a list sweeps
@@ -84,7 +85,7 @@ def point_name(point: dict[str, float | None]) -> str:
 
 
 def sweep_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.sweep_dir) if cfg.sweep_dir else Path(cfg.ar) / f"sweep_{cfg.mode}"
+    return Path(cfg.sweep_dir) if cfg.sweep_dir else results_dir(cfg.ar) / f"sweep_{cfg.mode}"
 
 
 def row_of(point: dict[str, float | None], metrics: dict[str, Any]) -> dict[str, Any]:

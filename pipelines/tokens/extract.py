@@ -9,7 +9,8 @@
 Output directory::
 
     manifest.json                  written last: shards, counts, sha256, codebook size, grid, variants, classes,
-                                   tokenizer weights hash and path (the reader checks all of them)
+                                   tokenizer weights hash and path (the reader checks all of them; an hf://
+                                   tokenizer is recorded pinned to the commit it was read at)
     shard_00000.safetensors        images [0, S) of the sorted ImageFolder listing, S = shard_size
     shard_00001.safetensors        images [S, 2S) ...
     parts/                         per-shard records (count, sha256) that make resume and the merge work
@@ -47,8 +48,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.checkpoint import load_config, weights_hash
-from pipelines.cli import entry_point, require_bool, require_choice, require_int, require_number, require_text
+from pipelines.cli import (
+    entry_point,
+    require_bool,
+    require_checkpoint,
+    require_choice,
+    require_int,
+    require_number,
+    require_text,
+)
 from pipelines.data import load_rgb_or_skip, resize_and_crop, scan_image_folder
+from pipelines.hub import pinned
 from pipelines.progress import progress_bar
 from pipelines.schemas import check_data
 from pipelines.tokens.shards import (
@@ -218,7 +228,8 @@ def check_options(cfg: DictConfig) -> None:
         require_int(cfg, key, 1, optional=True)
     require_int(cfg, "resolution", 8, optional=True)
     require_choice(cfg, "overwrite", (True, False))
-    for key in ("tokenizer_ckpt", "split", "out_dir"):
+    require_checkpoint(cfg, "tokenizer_ckpt")
+    for key in ("split", "out_dir"):
         require_text(cfg, key)
     for key in ("variants.flip", "variants.ten_crop", "cpu"):
         require_bool(cfg, key)
@@ -241,7 +252,7 @@ def extract(cfg: DictConfig) -> dict[str, Any] | None:
     for the whole run (one extraction per directory)."""
     check_options(cfg)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
-    tok_dir = Path(cfg.tokenizer_ckpt)
+    tok_dir = str(cfg.tokenizer_ckpt)  # a path or an hf:// spec (pipelines.hub)
     model = load_tokenizer(tok_dir, accelerator.device)
     tok_hash = weights_hash(tok_dir)
     resolution = int(cfg.resolution or load_config(tok_dir).get("data", {}).get("resolution")
@@ -256,7 +267,7 @@ def extract(cfg: DictConfig) -> dict[str, Any] | None:
         return _extract(cfg, accelerator, model, tok_dir, settings, samples, classes, split_dir)
 
 
-def _extract(cfg: DictConfig, accelerator: Accelerator, model: ImageTokenizer, tok_dir: Path, settings: dict[str, Any],
+def _extract(cfg: DictConfig, accelerator: Accelerator, model: ImageTokenizer, tok_dir: str, settings: dict[str, Any],
              samples: list[tuple[str, int]], classes: list[str], split_dir: Path) -> dict[str, Any] | None:
     rank, world = accelerator.process_index, accelerator.num_processes
     tok_hash, resolution, out = settings["tokenizer_hash"], settings["resolution"], Path(cfg.out_dir)
@@ -330,14 +341,14 @@ def _extract(cfg: DictConfig, accelerator: Accelerator, model: ImageTokenizer, t
 
 
 def _manifest(cfg: DictConfig, settings: dict[str, Any], records: list[dict], classes: list[str],
-              samples: list[tuple[str, int]], tok_dir: Path) -> ShardManifest:
+              samples: list[tuple[str, int]], tok_dir: str) -> ShardManifest:
     h, w = settings["grid"]
     num_images = sum(r["count"] for r in records)
     return ShardManifest(
         num_images=num_images, num_tokens=num_images * len(settings["variants"]) * h * w,
         num_codes=settings["num_codes"], grid=[h, w], dtype=settings["dtype"], variants=settings["variants"],
         resolution=settings["resolution"], classes=list(classes), num_classes=len(classes),
-        tokenizer_hash=settings["tokenizer_hash"], tokenizer_path=str(tok_dir),
+        tokenizer_hash=settings["tokenizer_hash"], tokenizer_path=pinned(tok_dir),
         dataset={"root": str(cfg.data.root), "split": str(cfg.split)}, shard_size=settings["shard_size"],
         num_shards=len(records),
         shards=[{k: r[k] for k in ("file", "start", "end", "count", "bytes", "sha256")} for r in records],

@@ -1,9 +1,10 @@
 """``init_from=<checkpoint dir>``: start a new run (step 0, fresh optimizers) from the weights of another one.
 
 The source is any checkpoint directory (``model.safetensors`` + ``config.yaml``): a run of this project or an
-official checkpoint converted by ``pipelines/convert.py``. The model is built as the source's ``config.yaml``
-describes it (as ``resume`` keeps a run's own architecture), then loaded strictly: a key or shape that differs is
-one line naming the first such key and both shapes. What may differ from the source by design:
+official checkpoint converted by ``pipelines/convert.py``, local or ``hf://owner/name[@revision][/subfolder]`` on the
+Hugging Face Hub (``pipelines.hub``; the record then holds the commit read). The model is built as the source's
+``config.yaml`` describes it (as ``resume`` keeps a run's own architecture), then loaded strictly: a key or shape that
+differs is one line naming the first such key and both shapes. What may differ from the source by design:
 
 - tokenizer: the training resolution (``data.resolution``; the network is convolutional with global attention,
   the architecture keeps the source's ``resolution``). The discriminator comes from the source's
@@ -12,7 +13,8 @@ one line naming the first such key and both shapes. What may differ from the sou
   (``rebuild_class_embedding``). The shards must hold tokens of the source's tokenizer (weights hash checked).
 
 This is not ``resume`` (which continues this run's own ``train_state/``): both at once are refused.
-The run's ``config.yaml`` records the source under ``SOURCE_KEY`` (directory, weights hash, what was carried).
+The run's ``config.yaml`` records the source under ``SOURCE_KEY`` (directory or spec, weights hash, ``hub_commit`` for a
+source on the Hub, what was carried).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from generator.llama import MANIFEST_KEYS
-from pipelines.checkpoint import has_train_state, load_model, load_train_state, weights_hash
+from pipelines.checkpoint import checkpoint_dir, has_train_state, load_model, load_train_state, weights_hash
 from pipelines.errors import ConfigError, UserError
-from pipelines.options import require_text
+from pipelines.hub import hub_record, is_hub
+from pipelines.options import require_checkpoint
 
 SOURCE_KEY = "init_from_source"  # the record in the run's config.yaml
 
@@ -37,14 +40,15 @@ class SourceMismatchError(UserError, ValueError):
 
 
 def check_init_from(cfg: Any) -> None:
-    """``init_from``: a checkpoint directory or null, and not together with ``resume=true``."""
-    require_text(cfg, "init_from", optional=True)
+    """``init_from``: a checkpoint directory, an ``hf://`` spec or null, and not together with ``resume=true``."""
+    require_checkpoint(cfg, "init_from", optional=True)
     if not cfg.get("init_from"):
         return
     if cfg.get("resume") is True:
         raise ConfigError("init_from starts a new run from other weights, resume=true continues this run's own "
                           "train_state/: set resume=false or init_from=null")
-    if isinstance(cfg.get("run_dir"), str) and Path(cfg.init_from).resolve() == Path(cfg.run_dir).resolve():
+    if (isinstance(cfg.get("run_dir"), str) and not is_hub(cfg.init_from)
+            and Path(cfg.init_from).resolve() == Path(cfg.run_dir).resolve()):
         raise ConfigError(f"init_from and run_dir are the same directory ({cfg.run_dir}); the new run would replace "
                           "its source: choose another run_dir")
 
@@ -53,7 +57,8 @@ def check_init_from(cfg: Any) -> None:
 class InitSource:
     """The source checkpoint: weights, config and weights hash."""
 
-    directory: Path
+    directory: str  # as given: a path or an hf:// spec (messages, the record)
+    local: Path  # on disk (the Hugging Face cache for a spec)
     kind: str  # "tokenizer" | "generator": the config section that describes the model
     state: dict[str, Tensor]
     config: dict[str, Any]
@@ -65,17 +70,17 @@ class InitSource:
         if not isinstance(config.get(kind), dict) or "model" not in config[kind]:
             raise SourceMismatchError(f"init_from={directory} is not a {kind} checkpoint (its config.yaml has no "
                                       f"{kind}.model)")
-        return cls(Path(directory), kind, state, config, weights_hash(directory))
+        return cls(str(directory), checkpoint_dir(directory), kind, state, config, weights_hash(directory))
 
     @property
     def model_spec(self) -> dict[str, Any]:
         return dict(self.config[self.kind]["model"])
 
     def record(self, **extra: Any) -> dict[str, Any]:
-        return {"dir": str(self.directory), "weights_hash": self.weights_hash, **extra}
+        return {"dir": self.directory, "weights_hash": self.weights_hash, **hub_record(self.directory), **extra}
 
 
-def load_strict(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
+def load_strict(model: nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
     """``model.load_state_dict(state, strict=True)``, a mismatch being one line: the first key (in the model's order)
     that is missing or of another shape, else the first key the model does not have."""
     own = model.state_dict()
@@ -101,9 +106,9 @@ def changed_keys(used: dict[str, Any], given: dict[str, Any]) -> list[str]:
 
 def source_discriminator(source: InitSource) -> dict[str, Tensor] | None:
     """The discriminator weights of a project run (its ``train_state/``), or None (converted checkpoints drop it)."""
-    if not has_train_state(source.directory):
+    if not has_train_state(source.local):  # never fetched from the Hub: a checkpoint there has model + config only
         return None
-    state = load_train_state(source.directory)
+    state = load_train_state(source.local)
     return state.get("disc") if isinstance(state, dict) else None
 
 
@@ -131,7 +136,7 @@ def init_tokenizer(model: nn.Module, disc: nn.Module, source: InitSource, disc_s
                           f"(init_from={source.directory}), got {resolution}")
     load_strict(model, source.state, source.directory)
     if disc_state is not None:
-        load_strict(disc, disc_state, source.directory / "train_state")
+        load_strict(disc, disc_state, source.local / "train_state")
     disc_from = "source" if disc_state is not None else "fresh"
     disc_note = "from the source" if disc_state is not None else "fresh (the source has none)"
     if log:
