@@ -9,10 +9,12 @@ demo classifier still recognises the class of each reconstruction (overall and t
     python bench/tokenizer_recipe.py recipes=demo,vq_16k steps=600 threads=2
     python bench/tokenizer_recipe.py list=true                         # names and overrides only
     python bench/tokenizer_recipe.py data=data/photos/64px recipes=photos_64,photos_demo steps=2000   # photographs
+    python bench/tokenizer_recipe.py data=data/photos/64px recipes=photos_64_grid_16 grid=16 kmeans=1024
 
 On a dataset other than the demo (e.g. the photographs of ``tools/make_photo_data.py``) the demo classifier does not
 apply: rows report PSNR, SSIM, utilisation and perplexity beside three baselines (mean colour, average pooling and a
-bicubic down-and-up resize at the token grid), and ``<out>/grid.png`` shows val originals above each row's
+bicubic down-and-up resize at the token grid; ``kmeans=<codes>`` adds a k-means codebook of raw patches, one per
+token), and ``<out>/grid.png`` shows val originals above each row's
 reconstructions. The ``no_quantizer`` recipes train the same autoencoder with the quantizer replaced by the identity:
 the ceiling a quantizer is judged against (it has no tokens, so no utilisation).
 
@@ -83,6 +85,20 @@ RECIPES.update({
                                          ["tokenizer.model.norm=none"]),
     "photos_norm_none_lr_1e-3": ("demo without normalisation layers, lr 1e-3",
                                  ["tokenizer.model.norm=none", "train.lr=1e-3"]),
+})
+
+# From the shipped photos_64 recipe (norm none, on channel-shuffled crops: data=data/photos_shuffle/64px), one change
+# each: the token budget (codes per token, tokens per image), the codebook's initial scale, the learning rate.
+PHOTOS_64 = ["tokenizer=photos_64"]
+RECIPES.update({
+    "photos_64": ("the shipped photos_64 recipe (8x8 tokens, 1,024 codes)", PHOTOS_64),
+    "photos_64_codes_16k": ("photos_64 with 16,384 codes", [*PHOTOS_64, "tokenizer.model.num_codes=16384"]),
+    "photos_64_grid_16": ("photos_64 with 16x16 tokens (one downsampling less: factor 4, the reference's 256 tokens "
+                          "per image)", [*PHOTOS_64, "tokenizer.model.channel_mult=[1,1,1]"]),
+    "photos_64_init_std_1": ("photos_64 with the reference codebook init N(0, 1)",
+                             [*PHOTOS_64, "tokenizer.model.quantizer_args.init_std=1.0"]),
+    "photos_64_lr_1e-3": ("photos_64 with lr 1e-3", [*PHOTOS_64, "train.lr=1e-3"]),
+    "photos_64_no_quantizer": ("photos_64 without a quantizer (ceiling)", [*PHOTOS_64, *NO_QUANTIZER]),
 })
 
 
@@ -161,6 +177,43 @@ def preview_images(val: ImageFolderDataset, per_class: int = 8) -> torch.Tensor:
     return collate_images([val[i] for i in picks])[0]
 
 
+def to_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B * H/p * W/p, 3 p p): one row per token position."""
+    return x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * p * p)
+
+
+def from_patches(rows: torch.Tensor, n: int, p: int, size: int) -> torch.Tensor:
+    g = size // p
+    return rows.reshape(n, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, 3, size, size)
+
+
+def nearest(rows: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.cdist(b, centres).argmin(1) for b in rows.split(4096)])
+
+
+@torch.no_grad()
+def kmeans_baseline(train_root: str, val_images: torch.Tensor, grid: int, codes: int, iters: int = 12,
+                    max_rows: int = 200_000, seed: int = 0) -> torch.Tensor:
+    """Reconstructions by a k-means codebook of ``codes`` raw pixel patches, one per token position, fitted on (up to
+    ``max_rows``) train patches: the tokens of a tokenizer whose encoder and decoder are the identity. Why: it says
+    how many dB the token budget (grid x grid tokens of log2(codes) bits) allows without any learning in the
+    encoder or decoder, which the mean-colour and pooling rows (continuous values per token) do not."""
+    size = val_images.shape[-1]
+    p = size // grid
+    train = ImageFolderDataset(train_root, "train", size, "error")
+    g = torch.Generator().manual_seed(seed)
+    rows = to_patches(collate_images([train[i] for i in range(len(train))])[0], p)
+    rows = rows[torch.randperm(len(rows), generator=g)[:max_rows]]
+    centres = rows[torch.randperm(len(rows), generator=g)[:codes]].clone()
+    for _ in range(iters):
+        assign = nearest(rows, centres)
+        sums = torch.zeros_like(centres).index_add_(0, assign, rows)
+        counts = torch.zeros(codes).index_add_(0, assign, torch.ones(len(rows)))
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centres)
+    val_rows = to_patches(val_images, p)
+    return from_patches(centres[nearest(val_rows, centres)], len(val_images), p, size)
+
+
 def row(name: str, r: dict[str, Any], recognition: bool) -> str:
     util = f"{r['utilisation']:.1%}" if "utilisation" in r else "-"
     ppl = f"{r['perplexity']:.0f}" if "perplexity" in r else "-"
@@ -199,6 +252,13 @@ def main(argv: list[str]) -> None:
     if judge is not None:
         header, rule = header + " recognised | worst class |", rule + "---|---|"
     baselines = baseline_rows(val, judge, grid) if args.get("baselines", "true") == "true" else {}
+    if "kmeans" in args:  # kmeans=1024: the k-means token baseline with that many codes (takes a minute or two)
+        codes = int(args["kmeans"])
+        images = collate_images([val[i] for i in range(len(val))])[0]
+        rec = kmeans_baseline(data_root, images, grid, codes)
+        x8, r8 = (to_uint8(t).permute(0, 3, 1, 2).float() for t in (images, rec))
+        baselines[f"baseline: k-means codebook of {codes} raw {resolution // grid}x{resolution // grid} patches"] = {
+            "psnr": float(psnr(images, rec).mean()), "ssim": float(ssim(x8, r8).mean())}
     lines = [row(k, v, judge is not None) for k, v in baselines.items()]
     preview = preview_images(val)
     picture = [preview, *[v for k, v in baseline_reconstructions(preview, grid).items() if "mean colour" not in k]]
