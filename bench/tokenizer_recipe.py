@@ -152,14 +152,32 @@ def evaluate_ceiling(model: torch.nn.Module, val: ImageFolderDataset) -> dict[st
     return {"psnr": float(psnr(x, rec).mean()), "ssim": float(ssim(x8, r8).mean())}
 
 
+@torch.no_grad()
+def quantizer_health(model: torch.nn.Module, val: ImageFolderDataset, max_images: int = 100) -> dict[str, float]:
+    """Is IBQ's gradient alive? IBQ reaches the encoder and the unused codes only through softmax(z . E): when the
+    logits are nearly equal the softmax is uniform (``max_p`` ~ 1/N) and that gradient vanishes. Also the mean
+    squared quantisation error per channel relative to the latents' variance (``q_err_ratio`` >= 1: the tokens
+    carry less than the latents' spread), and how often the argmax code is also the nearest one."""
+    model.eval()
+    x = collate_images([val[i] for i in range(min(len(val), max_images))])[0]
+    z = model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, model.cfg.embed_dim)
+    codes = model.quantizer.embedding.weight
+    logits = z @ codes.T
+    idx = logits.argmax(-1)
+    return {"max_p": float(logits.softmax(-1).max(-1).values.mean()), "logit_std": float(logits.std(-1).mean()),
+            "q_err_ratio": float((z - codes[idx]).pow(2).mean() / z.var(0).mean()),
+            "argmax_is_nearest": float((torch.cdist(z, codes).argmin(1) == idx).float().mean())}
+
+
 def evaluate(model: torch.nn.Module, val: ImageFolderDataset, judge: ReconRecognition | None) -> dict[str, Any]:
     if isinstance(model.quantizer, IdentityQuantizer):
         return evaluate_ceiling(model, val)
+    health = quantizer_health(model, val) if hasattr(model.quantizer, "embedding") else {}
     if judge is None:
-        return evaluate_reconstruction(model, val, batch_size=100)
+        return {**evaluate_reconstruction(model, val, batch_size=100), **health}
     judge.reset()
     result = evaluate_reconstruction(model, val, batch_size=100, on_batch=judge)
-    return {**result, **judge.summary()}
+    return {**result, **judge.summary(), **health}
 
 
 @torch.no_grad()
@@ -219,7 +237,8 @@ def row(name: str, r: dict[str, Any], recognition: bool) -> str:
     ppl = f"{r['perplexity']:.0f}" if "perplexity" in r else "-"
     steps = r.get("steps", "-")
     minutes = f"{r['minutes']:.1f}" if "minutes" in r else "-"
-    line = f"| {name} | {steps} | {minutes} | {r['psnr']:.2f} | {r['ssim']:.3f} | {util} | {ppl} |"
+    max_p = f"{r['max_p'] * r['num_codes']:.1f}" if "max_p" in r and "num_codes" in r else "-"
+    line = f"| {name} | {steps} | {minutes} | {r['psnr']:.2f} | {r['ssim']:.3f} | {util} | {ppl} | {max_p} |"
     if recognition:
         worst = min((v, k) for k, v in r["recon_accuracy_per_class"].items())
         line += f" {r['recon_accuracy']:.1%} | {worst[0]:.0%} ({worst[1]}) |"
@@ -247,8 +266,9 @@ def main(argv: list[str]) -> None:
     grid = resolution // 8 if "grid" not in args else int(args["grid"])
 
     print(f"{steps} steps per recipe, {torch.get_num_threads()} threads, {len(val)} val images of {data_root}")
-    header = "| recipe | steps | minutes | PSNR dB | SSIM | utilisation | perplexity |"
-    rule = "|---|---|---|---|---|---|---|"
+    # "max p x N": the softmax's mean top probability times the number of codes (1 = uniform: IBQ's gradient is gone)
+    header = "| recipe | steps | minutes | PSNR dB | SSIM | utilisation | perplexity | max p x N |"
+    rule = "|---|---|---|---|---|---|---|---|"
     if judge is not None:
         header, rule = header + " recognised | worst class |", rule + "---|---|"
     baselines = baseline_rows(val, judge, grid) if args.get("baselines", "true") == "true" else {}
@@ -271,6 +291,7 @@ def main(argv: list[str]) -> None:
             outcome = train(cfg)
             minutes = (time.perf_counter() - start) / 60
             result = {"recipe": name, "overrides": RECIPES[name][1], "steps": steps, "minutes": minutes,
+                      "num_codes": outcome.ema_model.cfg.num_codes,
                       "data": data_root, **evaluate(outcome.ema_model, val, judge)}
             picture.append(reconstruct(outcome.ema_model, preview))
         with open(out / "results.jsonl", "a") as f:
