@@ -32,14 +32,14 @@ from omegaconf import DictConfig
 
 from generator.llama import LlamaGPT
 from generator.sampling import CFG_SCHEDULES
-from pipelines.cli import entry_point, error_line, require_bool, require_int, require_text
+from pipelines.cli import entry_point, error_line, require_bool, require_checkpoint, require_int, require_text
 from pipelines.data import CorruptImageError
 from pipelines.errors import ConfigError, UserError
 from pipelines.generate import (
     SAMPLING_KEYS,
     check_sampling_options,
     iter_images,
-    load_pipeline,
+    load_run_or_demo,
     resolve_classes,
     sample_plan,
     sampling_recipe,
@@ -47,7 +47,6 @@ from pipelines.generate import (
 from pipelines.images import psnr, to_uint8
 from pipelines.reconstruct import load_for_tokenizer, round_trip
 from pipelines.sample import class_grid
-from pipelines.util import pick_device
 from tokenizer.model import ImageTokenizer
 
 log = logging.getLogger(__name__)
@@ -84,8 +83,9 @@ class Loaded:
 
 def check_options(cfg: DictConfig) -> None:
     for key in ("ckpt", "tokenizer"):
-        require_text(cfg, key, optional=True)
-    for key in ("demo_ckpt", "host", "device"):
+        require_checkpoint(cfg, key, optional=True)
+    require_checkpoint(cfg, "demo_ckpt")
+    for key in ("host", "device"):
         require_text(cfg, key)
     port = cfg.port
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
@@ -98,12 +98,7 @@ def check_options(cfg: DictConfig) -> None:
 def load_app(cfg: DictConfig) -> Loaded:
     """The checkpoint named by ``cfg`` (the demo run without ``ckpt=``), loaded once for every visitor."""
     check_options(cfg)
-    ckpt = cfg.ckpt
-    if ckpt is None:
-        ckpt = cfg.demo_ckpt
-        print(f"no ckpt= given: using the demo run {ckpt}")
-    device = pick_device(cfg.device)
-    model, tokenizer, config = load_pipeline(ckpt, cfg.tokenizer, device)
+    ckpt, model, tokenizer, config, device = load_run_or_demo(cfg)
     names = [str(n) for n in config.get("classes") or range(model.cfg.num_classes)]
     recipe = sampling_recipe(dict.fromkeys(SAMPLING_KEYS), config)
     return Loaded(model, tokenizer, config, str(ckpt), names, recipe, device, cfg.compile, cfg.batch_size,

@@ -28,6 +28,7 @@ from pipelines.cli import require_choice, require_int, require_number
 from pipelines.errors import UserError
 from pipelines.images import to_uint8
 from pipelines.progress import progress_bar
+from pipelines.util import pick_device
 from tokenizer.model import ImageTokenizer, load_tokenizer
 
 
@@ -63,6 +64,18 @@ def load_pipeline(ckpt_dir: str | Path, tokenizer_dir: str | Path | None = None,
         raise TokenizerMismatchError(f"tokenizer {tok_dir} has {tokenizer.cfg.num_codes} codes, the generator "
                                      f"{model.cfg.vocab_size}")
     return model, tokenizer, config
+
+
+def load_run_or_demo(cfg: Any) -> tuple[str, LlamaGPT, ImageTokenizer, dict[str, Any], torch.device]:
+    """The tools' ``ckpt=`` (or, without it, ``demo_ckpt``) loaded on ``device=`` with ``tokenizer=`` or the
+    recorded one: (checkpoint, generator, tokenizer, config, device)."""
+    ckpt = cfg.ckpt
+    if ckpt is None:
+        ckpt = cfg.demo_ckpt
+        print(f"no ckpt= given: using the demo run {ckpt}")
+    device = pick_device(cfg.device)
+    model, tokenizer, config = load_pipeline(ckpt, cfg.tokenizer, device)
+    return str(ckpt), model, tokenizer, config, device
 
 
 def resolve_classes(spec: Any, config: dict[str, Any]) -> list[int]:

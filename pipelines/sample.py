@@ -28,14 +28,14 @@ from pipelines.generate import (
     SAMPLING_KEYS,
     check_sampling_options,
     iter_images,
-    load_pipeline,
+    load_run_or_demo,
     resolve_classes,
     sample_plan,
     sampling_recipe,
 )
 from pipelines.hub import resolved_commits, results_dir
 from pipelines.images import rows_grid, save_png
-from pipelines.util import atomic_write_text, claim_directory, pick_device, save_npz
+from pipelines.util import atomic_write_text, claim_directory, save_npz
 
 
 def _safe(name: str) -> str:
@@ -65,12 +65,7 @@ def check_options(cfg: DictConfig) -> None:
 
 def sample(cfg: DictConfig) -> dict:
     check_options(cfg)
-    ckpt = cfg.ckpt
-    if ckpt is None:
-        ckpt = cfg.demo_ckpt
-        print(f"no ckpt= given: using the demo run {ckpt}")
-    device = pick_device(cfg.device)
-    model, tokenizer, config = load_pipeline(ckpt, cfg.tokenizer, device)
+    ckpt, model, tokenizer, config, device = load_run_or_demo(cfg)
     spec = cfg["class"]
     classes = resolve_classes(OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec, config)
     names = list(config.get("classes") or [str(c) for c in range(model.cfg.num_classes)])
