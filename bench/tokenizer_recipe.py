@@ -87,18 +87,20 @@ RECIPES.update({
                                  ["tokenizer.model.norm=none", "train.lr=1e-3"]),
 })
 
-# From the shipped photos_64 recipe (norm none, on channel-shuffled crops: data=data/photos_shuffle/64px), one change
-# each: the token budget (codes per token, tokens per image), the codebook's initial scale, the learning rate.
-PHOTOS_64 = ["tokenizer=photos_64"]
+# From photos_64 as first shipped (norm none, codebook init 0.125, on channel-shuffled crops:
+# data=data/photos_shuffle/64px), one change each: token budget (codes per token, tokens per image), codebook scale, lr.
+PHOTOS_64 = ["tokenizer=photos_64", f"{IBQ_ARGS}.init_std=0.125"]  # the recipe as first shipped (init 0.125)
 RECIPES.update({
-    "photos_64": ("the shipped photos_64 recipe (8x8 tokens, 1,024 codes)", PHOTOS_64),
+    "photos_64": ("photos_64 as first shipped (8x8 tokens, 1,024 codes, codebook init N(0, 0.125^2))", PHOTOS_64),
     "photos_64_codes_16k": ("photos_64 with 16,384 codes", [*PHOTOS_64, "tokenizer.model.num_codes=16384"]),
     "photos_64_grid_16": ("photos_64 with 16x16 tokens (one downsampling less: factor 4, the reference's 256 tokens "
                           "per image)", [*PHOTOS_64, "tokenizer.model.channel_mult=[1,1,1]"]),
-    "photos_64_init_std_1": ("photos_64 with the reference codebook init N(0, 1)",
-                             [*PHOTOS_64, "tokenizer.model.quantizer_args.init_std=1.0"]),
+    "photos_64_init_std_1": ("photos_64 with the reference codebook init N(0, 1) (= photos_64 as shipped now)",
+                             ["tokenizer=photos_64"]),
     "photos_64_lr_1e-3": ("photos_64 with lr 1e-3", [*PHOTOS_64, "train.lr=1e-3"]),
     "photos_64_no_quantizer": ("photos_64 without a quantizer (ceiling)", [*PHOTOS_64, *NO_QUANTIZER]),
+    "photos_64_grid_16_init_std_1": ("photos_64 with 16x16 tokens and the codebook init N(0, 1) (the two gains)",
+                                     ["tokenizer=photos_64", "tokenizer.model.channel_mult=[1,1,1]"]),
 })
 
 
