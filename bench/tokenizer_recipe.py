@@ -102,6 +102,19 @@ RECIPES.update({
     "photos_64_grid_16_init_std_1": ("photos_64 with 16x16 tokens and the codebook init N(0, 1) (the two gains)",
                                      ["tokenizer=photos_64", "tokenizer.model.channel_mult=[1,1,1]"]),
 })
+# From photos_64 at 16x16 tokens (photos_64_grid_16_init_std_1), one change each.
+PHOTOS_64_16 = ["tokenizer=photos_64", "tokenizer.model.channel_mult=[1,1,1]"]
+RECIPES.update({
+    "photos_64_grid_16_lr_1e-3": ("16x16 tokens, init N(0, 1), lr 1e-3 (photos_64: 4e-4)",
+                                  [*PHOTOS_64_16, "train.lr=1e-3"]),
+    "photos_64_grid_16_embed_16": ("16x16 tokens, init N(0, 1), 16-d codes (photos_64: 64-d)",
+                                   [*PHOTOS_64_16, "tokenizer.model.embed_dim=16"]),
+    "photos_64_grid_16_lr_2e-3": ("16x16 tokens, init N(0, 1), lr 2e-3", [*PHOTOS_64_16, "train.lr=2e-3"]),
+    "photos_64_grid_16_codebook_lr_1e-3": ("16x16 tokens, init N(0, 1), lr 4e-4 but 1e-3 for the codebook only",
+                                           [*PHOTOS_64_16, "train.codebook_lr_mult=2.5"]),
+    "photos_64_init_std_1_lr_1e-3": ("8x8 tokens, init N(0, 1) (photos_64 now), lr 1e-3",
+                                     ["tokenizer=photos_64", "train.lr=1e-3"]),
+})
 
 
 class IdentityQuantizer(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""GroupNorm groups in the encoder/decoder: narrow models keep colour, reference widths are unchanged."""
+"""Encoder/decoder options: GroupNorm groups (narrow models keep colour), no normalisation, border padding."""
 
 import pytest
 import torch
@@ -64,3 +64,27 @@ def test_norm_none_has_no_normalisation_and_keeps_a_flat_colours_scale():
     assert not torch.allclose(model.decoder.norm_out(x), model.decoder.norm_out(2 * x))
     with pytest.raises(ValueError, match="tokenizer.model.norm must be one of group, none"):
         TokenizerConfig(**DEMO, norm="batch")
+
+
+def _spread(t: torch.Tensor) -> float:
+    """Largest spatial deviation of a feature map from its per-channel mean: 0 = constant over the image."""
+    return float((t - t.mean((2, 3), keepdim=True)).abs().max())
+
+
+@pytest.mark.parametrize("padding", ["replicate", "reflect"])
+def test_padding_modes_give_no_border_frame_on_a_flat_image(padding):
+    layout = dict(DEMO, channel_mult=(1, 1, 1), enc_res_blocks=1, dec_res_blocks=1, norm="none")
+    torch.manual_seed(0)
+    zeros = ImageTokenizer(TokenizerConfig(**layout)).eval()
+    torch.manual_seed(0)
+    edged = ImageTokenizer(TokenizerConfig(**layout, padding=padding)).eval()
+    assert edged.state_dict().keys() == zeros.state_dict().keys()  # a padding mode adds no weights
+    edged.load_state_dict(zeros.state_dict())  # the same weights: only the border differs
+    flat = torch.tensor([0.6, -0.4, 0.2]).view(1, 3, 1, 1).expand(1, 3, 32, 32)
+    with torch.no_grad():
+        # Zero padding reads the border as mid-grey: the latents and the reconstruction of a flat image get a frame.
+        assert _spread(zeros.encoder(flat)) > 1e-3 and _spread(zeros.decoder(zeros.encoder(flat))) > 1e-3
+        # Replicated / reflected edges: a flat image stays flat through every conv, downsampling and upsampling.
+        assert _spread(edged.encoder(flat)) < 1e-5 and _spread(edged.decoder(edged.encoder(flat))) < 1e-5
+    with pytest.raises(ValueError, match="tokenizer.model.padding must be one of zeros, replicate, reflect"):
+        TokenizerConfig(**DEMO, padding="circular")

@@ -11,6 +11,10 @@ colour) and, right before the RGB conv, causes "droplet" artefacts (a spike with
 ``norm_kind="none"`` drops every normalisation layer. Why: GroupNorm removes each group's per-image mean and
 scale, so a small decoder has to rebuild a photograph's absolute colour and contrast from the relations between
 channels; on a flat region (a blue sky) little of it is left (README, "Real photographs").
+
+``padding`` is how every 3x3 conv sees beyond the image: "zeros" (the reference) or "replicate" / "reflect". Why:
+without normalisation layers a shallow model reads the zero border as content (0 is mid-grey in [-1, 1]) and paints
+a frame one token wide around flat regions; replicated edges have none (measured trade-off: docs/design.md).
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Norm = Callable[[int], nn.Module]
+Conv3 = Callable[[int, int], nn.Conv2d]
+PADDINGS = ("zeros", "replicate", "reflect")  # nn.Conv2d padding modes offered for the 3x3 convs
+
+
+def conv3x3(c_in: int, c_out: int, padding: str = "zeros") -> nn.Conv2d:
+    """The 3x3, stride-1, same-size conv of every block, with the border handled as ``padding`` says."""
+    return nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode=padding)
 
 
 def group_norm(channels: int, norm_group_channels: int = 1) -> nn.GroupNorm:
@@ -35,10 +46,11 @@ def group_norm(channels: int, norm_group_channels: int = 1) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0, norm: Norm = group_norm) -> None:
+    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0, norm: Norm = group_norm,
+                 conv: Conv3 = conv3x3) -> None:
         super().__init__()
-        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = norm(c_in), conv(c_in, c_out)
+        self.norm2, self.conv2 = norm(c_out), conv(c_out, c_out)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -65,20 +77,21 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv with asymmetric (0, 1, 0, 1) padding, as VQGAN."""
+    """Stride-2 3x3 conv with asymmetric (0, 1, 0, 1) padding, as VQGAN (zeros, or the stack's padding mode)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, padding: str = "zeros") -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.pad_mode = "constant" if padding == "zeros" else padding
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode=self.pad_mode))
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, conv: Conv3 = conv3x3) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = conv(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -97,14 +110,18 @@ class ConvStack:
     norm_group_channels: int = 1
     mid_block: bool = True  # res + attention + res at the lowest resolution (the reference); False: identity
     norm_kind: str = "group"  # group | none
+    padding: str = "zeros"  # zeros (the reference) | replicate | reflect: the 3x3 convs' border
 
     def norm(self, channels: int) -> nn.Module:
         return group_norm(channels, self.norm_group_channels) if self.norm_kind == "group" else nn.Identity()
 
+    def conv(self, c_in: int, c_out: int) -> nn.Conv2d:
+        return conv3x3(c_in, c_out, self.padding)
+
     def level(self, c_in: int, c_out: int, blocks: int, res: int) -> nn.ModuleList:
         layers = nn.ModuleList()
         for i in range(blocks):
-            layers.append(ResBlock(c_in if i == 0 else c_out, c_out, self.dropout, self.norm))
+            layers.append(ResBlock(c_in if i == 0 else c_out, c_out, self.dropout, self.norm, self.conv))
             if res in self.attn_resolutions:
                 layers.append(AttnBlock(c_out, self.norm))
         return layers
@@ -112,15 +129,15 @@ class ConvStack:
     def middle(self, channels: int) -> nn.Sequential:
         if not self.mid_block:
             return nn.Sequential()  # an empty Sequential returns its input
-        return nn.Sequential(ResBlock(channels, channels, self.dropout, self.norm), AttnBlock(channels, self.norm),
-                             ResBlock(channels, channels, self.dropout, self.norm))
+        block = (channels, channels, self.dropout, self.norm, self.conv)
+        return nn.Sequential(ResBlock(*block), AttnBlock(channels, self.norm), ResBlock(*block))
 
 
 class Encoder(nn.Module):
     def __init__(self, stack: ConvStack, num_res_blocks: int, in_channels: int = 3) -> None:
         super().__init__()
         base, mults = stack.base_channels, stack.channel_mult
-        self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
+        self.conv_in = stack.conv(in_channels, base)
         self.levels = nn.ModuleList()
         self.downs = nn.ModuleList()
         c_in, res = base, stack.resolution
@@ -128,12 +145,12 @@ class Encoder(nn.Module):
             c_out = base * mult
             self.levels.append(stack.level(c_in, c_out, num_res_blocks, res))
             last = i == len(mults) - 1
-            self.downs.append(nn.Identity() if last else Downsample(c_out))
+            self.downs.append(nn.Identity() if last else Downsample(c_out, stack.padding))
             res = res if last else res // 2
             c_in = c_out
         self.mid = stack.middle(c_in)
         self.norm_out = stack.norm(c_in)
-        self.conv_out = nn.Conv2d(c_in, stack.z_channels, 3, padding=1)
+        self.conv_out = stack.conv(c_in, stack.z_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -151,7 +168,7 @@ class Decoder(nn.Module):
         base, mults = stack.base_channels, stack.channel_mult
         c = base * mults[-1]
         res = stack.resolution // 2 ** (len(mults) - 1)
-        self.conv_in = nn.Conv2d(stack.z_channels, c, 3, padding=1)
+        self.conv_in = stack.conv(stack.z_channels, c)
         self.mid = stack.middle(c)
         self.levels = nn.ModuleList()
         self.ups = nn.ModuleList()
@@ -159,11 +176,11 @@ class Decoder(nn.Module):
             c_out = base * mults[i]
             self.levels.append(stack.level(c, c_out, num_res_blocks, res))
             first = i == 0
-            self.ups.append(nn.Identity() if first else Upsample(c_out))
+            self.ups.append(nn.Identity() if first else Upsample(c_out, stack.conv))
             res = res if first else res * 2
             c = c_out
         self.norm_out = stack.norm(c)
-        self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
+        self.conv_out = stack.conv(c, out_channels)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))

@@ -18,7 +18,7 @@ from pipelines.options import (
     require_int_list,
     require_number,
 )
-from tokenizer.autoencoder import ConvStack, Decoder, Encoder
+from tokenizer.autoencoder import PADDINGS, ConvStack, Decoder, Encoder
 from tokenizer.quantizer import Quantizer, QuantizerOutput, build_quantizer, quantizer_config
 
 MODEL_KEY = "tokenizer.model"  # where the architecture sits in a run's config
@@ -43,6 +43,7 @@ class TokenizerConfig:
     norm_group_channels: int = 4  # GroupNorm: at least this many channels per group (1 = the reference's)
     norm: str = "group"  # group (GroupNorm, the reference) | none (no normalisation layers; see autoencoder.py)
     mid_block: bool = True  # the res + attention + res block at the lowest resolution (reference: on)
+    padding: str = "zeros"  # the 3x3 convs' border: zeros (the reference) | replicate | reflect (see autoencoder.py)
     num_codes: int = 16384
     quantizer: str = "ibq"  # see tokenizer.quantizer.QUANTIZERS
     quantizer_args: dict[str, Any] = field(default_factory=dict)  # the quantizer's options (IBQConfig / VQConfig)
@@ -57,6 +58,7 @@ class TokenizerConfig:
         require_number(v, f"{MODEL_KEY}.dropout", 0, 1, high_open=True)
         require_bool(v, f"{MODEL_KEY}.mid_block")
         require_choice(v, f"{MODEL_KEY}.norm", NORMS)
+        require_choice(v, f"{MODEL_KEY}.padding", PADDINGS)
         self.channel_mult, self.attn_resolutions = tuple(self.channel_mult), tuple(self.attn_resolutions)
         if not self.channel_mult:
             raise ConfigError(f"{MODEL_KEY}.channel_mult must list at least one level, got []")
@@ -95,7 +97,7 @@ class ImageTokenizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         stack = ConvStack(cfg.resolution, cfg.base_channels, cfg.channel_mult, cfg.attn_resolutions, cfg.z_channels,
-                          cfg.dropout, cfg.norm_group_channels, cfg.mid_block, cfg.norm)
+                          cfg.dropout, cfg.norm_group_channels, cfg.mid_block, cfg.norm, cfg.padding)
         self.encoder = Encoder(stack, cfg.enc_res_blocks)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.quantizer: Quantizer = build_quantizer(cfg.quantizer, cfg.num_codes, cfg.embed_dim, cfg.quantizer_args)
