@@ -90,6 +90,7 @@ RECIPES.update({
 # From photos_64 as first shipped (norm none, codebook init 0.125, on channel-shuffled crops:
 # data=data/photos_shuffle/64px), one change each: token budget (codes per token, tokens per image), codebook scale, lr.
 PHOTOS_64 = ["tokenizer=photos_64", f"{IBQ_ARGS}.init_std=0.125"]  # the recipe as first shipped (init 0.125)
+PHOTOS_64_16 = ["tokenizer=photos_64", "tokenizer.model.channel_mult=[1,1,1]"]  # photos_64 (init 1), 16x16 tokens
 RECIPES.update({
     "photos_64": ("photos_64 as first shipped (8x8 tokens, 1,024 codes, codebook init N(0, 0.125^2))", PHOTOS_64),
     "photos_64_codes_16k": ("photos_64 with 16,384 codes", [*PHOTOS_64, "tokenizer.model.num_codes=16384"]),
@@ -100,10 +101,9 @@ RECIPES.update({
     "photos_64_lr_1e-3": ("photos_64 with lr 1e-3", [*PHOTOS_64, "train.lr=1e-3"]),
     "photos_64_no_quantizer": ("photos_64 without a quantizer (ceiling)", [*PHOTOS_64, *NO_QUANTIZER]),
     "photos_64_grid_16_init_std_1": ("photos_64 with 16x16 tokens and the codebook init N(0, 1) (the two gains)",
-                                     ["tokenizer=photos_64", "tokenizer.model.channel_mult=[1,1,1]"]),
+                                     PHOTOS_64_16),
 })
 # From photos_64 at 16x16 tokens (photos_64_grid_16_init_std_1), one change each.
-PHOTOS_64_16 = ["tokenizer=photos_64", "tokenizer.model.channel_mult=[1,1,1]"]
 RECIPES.update({
     "photos_64_grid_16_lr_1e-3": ("16x16 tokens, init N(0, 1), lr 1e-3 (photos_64: 4e-4)",
                                   [*PHOTOS_64_16, "train.lr=1e-3"]),
